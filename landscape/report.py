@@ -1,0 +1,173 @@
+"""One self-contained interactive HTML report: 3D surfaces, contours, metrics tables, run metadata.
+
+plotly.js is embedded inline once, so the page opens offline and makes no network request.
+The page is a pure function of its inputs (fixed div ids, no timestamps): the same surfaces
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io
+import plotly.offline
+from plotly.subplots import make_subplots
+
+from landscape.render import axis_labels
+from landscape.surface import Surface
+
+Table = str | Sequence[Mapping[str, object]]
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+"""
+
+
+def _nan_to_none(values: np.ndarray) -> list:
+    """Nested lists with NaN -> None, so JSON holds null and plotly leaves a gap."""
+    return [[None if not math.isfinite(v) else float(v) for v in row] for row in values.tolist()]
+
+
+def surface_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float], cmap: str = "Viridis") -> go.Figure:
+    """Interactive 3D surfaces, one scene per method on one z-range and colour scale.
+
+    Hover shows α, β, loss and accuracy (accuracy travels as customdata). One figure holds all
+    scenes so the page needs a single WebGL context, whatever the number of methods.
+    """
+    methods = list(surfaces)
+    fig = make_subplots(rows=1, cols=len(methods), specs=[[{"type": "scene"}] * len(methods)],
+                        subplot_titles=methods, horizontal_spacing=0.02)
+    for col, method in enumerate(methods, start=1):
+        surface = surfaces[method]
+        x_label, y_label = axis_labels(surface)
+        # plotly draws z[row=y, col=x]; loss is (nx, ny) -> transpose to (ny, nx).
+        fig.add_trace(go.Surface(
+            x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(surface.loss.T),
+            customdata=_nan_to_none(surface.accuracy.T), colorscale=cmap, cmin=zrange[0], cmax=zrange[1],
+            showscale=col == len(methods), colorbar=dict(title="loss", thickness=12), name=method,
+            hovertemplate=f"<b>{html.escape(method)}</b><br>α=%{{x:.3f}}<br>β=%{{y:.3f}}<br>loss=%{{z:.4f}}"
+                          "<br>accuracy=%{customdata:.3f}<extra></extra>",
+        ), row=1, col=col)
+        scene = "scene" if col == 1 else f"scene{col}"
+        fig.update_layout({scene: dict(xaxis_title="α", yaxis_title="β", zaxis_title="",
+                                       zaxis=dict(range=list(zrange)), aspectmode="cube",
+                                       camera=dict(eye=dict(x=-1.55, y=-1.55, z=1.05)))})
+    first = next(iter(surfaces.values()))
+    fig.update_layout(height=460, margin=dict(l=0, r=0, t=40, b=50),
+                      annotations=list(fig.layout.annotations) + [dict(
+                          text="   ".join(axis_labels(first)).replace(" (", ": ").replace(")", ""),
+                          x=0.5, y=-0.02, xref="paper", yref="paper", yanchor="top", showarrow=False)])
+    return fig
+
+
+def contour_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float], cmap: str = "Viridis",
+                   trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> go.Figure:
+    """log10(loss) contours, one panel per method, shared colour scale, centre marked."""
+    methods = list(surfaces)
+    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, horizontal_spacing=0.06)
+    low, high = (math.log10(max(v, 1e-12)) for v in zrange)
+    ticks = np.linspace(low, high, 5).tolist()  # colour bar in log10(loss), labelled in loss units
+    for col, method in enumerate(methods, start=1):
+        surface = surfaces[method]
+        log_loss = np.log10(np.clip(surface.loss.T, 1e-12, None))  # (ny, nx); NaN stays NaN
+        fig.add_trace(go.Contour(
+            x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(log_loss),
+            customdata=_nan_to_none(surface.loss.T), colorscale=cmap, zmin=low, zmax=high,
+            contours=dict(start=low, end=high, size=(high - low) / 14 or 1.0), showscale=col == len(methods),
+            colorbar=dict(title="loss", thickness=12, tickvals=ticks, ticktext=[f"{10 ** t:.3g}" for t in ticks]),
+            hovertemplate="α=%{x:.3f}<br>β=%{y:.3f}<br>loss=%{customdata:.4f}<extra></extra>",
+        ), row=1, col=col)
+        path = (trajectories or {}).get(method)
+        if path is not None and len(path):
+            points = np.asarray(path, dtype=float)  # (S, 2)
+            fig.add_trace(go.Scatter(x=points[:, 0].tolist(), y=points[:, 1].tolist(), mode="lines+markers",
+                                     line=dict(color="white"), marker=dict(size=5, color="white"),
+                                     name="trajectory", showlegend=False), row=1, col=col)
+        fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="trained prompt", showlegend=False,
+                                 marker=dict(symbol="star", size=12, color="#D55E00", line=dict(width=1))),
+                      row=1, col=col)
+        x_label, y_label = axis_labels(surface)
+        fig.update_xaxes(title_text=x_label, row=1, col=col)
+        fig.update_yaxes(title_text=y_label if col == 1 else None, row=1, col=col)
+    fig.update_layout(height=380, margin=dict(l=40, r=20, t=40, b=40))
+    return fig
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    return html.escape(str(value))
+
+
+def table_html(table: Table) -> str:
+    """Rows (list of dicts) or a markdown pipe table -> HTML table; an HTML string passes through."""
+    if isinstance(table, str):
+        text = table.strip()
+        if text.startswith("<"):
+            return text
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines or not all(line.startswith("|") for line in lines):
+            return f"<pre>{html.escape(text)}</pre>"
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines
+                 if not set(line.replace("|", "").strip()) <= set("-: ")]
+        header, body = cells[0], cells[1:]
+        rows = [dict(zip(header, row)) for row in body]
+    else:
+        rows = [dict(row) for row in table]
+        header = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body_html = "".join("<tr>" + "".join(f"<td>{_cell(row.get(h, ''))}</td>" for h in header) + "</tr>"
+                        for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body_html}</tbody></table>"
+
+
+def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | None = None,
+                metadata: Mapping[str, object] | None = None, *, title: str = "Loss landscape report",
+                trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+                zmin: float | None = None, zmax: float | None = None, cmap: str = "Viridis") -> str:
+    """The whole report as one HTML string (write it with any text writer).
+
+    surfaces: method -> Surface. tables: caption -> rows (list of dicts), markdown or HTML
+    (metrics with CIs and tests, computed elsewhere). metadata: model, task, directions, seed,
+    examples, date, ... shown as a key/value table.
+    """
+    if not surfaces:
+        raise ValueError("report_html needs at least one surface")
+    finite = np.concatenate([s.loss[np.isfinite(s.loss)] for s in surfaces.values()])
+    if finite.size == 0 and (zmin is None or zmax is None):
+        raise ValueError("the surfaces have no computed point; compute the grid before writing a report")
+    zrange = (float(finite.min()) if zmin is None else zmin, float(finite.max()) if zmax is None else zmax)
+
+    def embed(fig: go.Figure, div_id: str) -> str:
+        return plotly.io.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
+                                 config={"displaylogo": False, "responsive": True})
+
+    surface_div = embed(surface_figure(surfaces, zrange, cmap), "surfaces")
+    contour_div = embed(contour_figure(surfaces, zrange, cmap, trajectories), "contours")
+    table_sections = "".join(f"<h3>{html.escape(caption)}</h3>{table_html(table)}"
+                             for caption, table in (tables or {}).items())
+    meta_rows = [{"key": key, "value": value if isinstance(value, (str, int, float, list, tuple))
+                  else json.dumps(value, sort_keys=True, default=str)} for key, value in (metadata or {}).items()]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Run</h2>{table_html(meta_rows) if meta_rows else "<p>(no metadata)</p>"}
+<h2>Loss surfaces</h2>{surface_div}
+<h2>Contours</h2>{contour_div}
+<h2>Metrics</h2>{table_sections or "<p>(no metrics)</p>"}
+</body></html>
+"""

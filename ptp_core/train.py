@@ -1,0 +1,244 @@
+"""Prompt tuning on a frozen backbone: vanilla PT now, the PTP regularizers plug in at `step_gradients`.
+
+    python -m ptp_core.train --model minilm --task rotten_tomatoes --method pt --seed 0 --out runs/x
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ptp_core.backbones import DEFAULT_HEAD
+from ptp_core.checkpoint import META, save_checkpoint
+from ptp_core.data import batch_indices, load_task
+from ptp_core.evaluate import encode_split, evaluate
+from ptp_core.model import PROMPT_INITS, PromptModel
+
+METHODS = ("pt",)  # the regularized methods (ptp-rn, ptp-adv) register here with their own issue
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "minilm"
+    task: str = "rotten_tomatoes"
+    method: str = "pt"
+    seed: int = 0
+    out: str = "runs/pt"
+    head: str = "auto"  # auto: classifier for encoders (minilm), verbalizer for causal LMs (smollm2)
+    prompt_length: int = 20  # Lester et al. 2021: gains flatten beyond ~20 tokens
+    prompt_init: str = "vocab"  # sampled vocabulary embeddings: a stable start (Lester et al. 2021)
+    prompt_init_text: str = ""
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-2  # the prompt is a tiny parameter set; AdamW needs a large step for it
+    head_lr: float = 3e-3  # the freshly initialised classifier head
+    weight_decay: float = 0.0  # decay pulls the prompt towards the origin, away from the vocabulary
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    eval_examples: int | None = None  # validation subset for model selection (None: all of it)
+    snapshot_every: int = 20  # trajectory snapshots for PCA directions
+    max_length: int = 128
+    label_words: list[str] | None = None
+    template: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form, recorded in ptp.json
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.prompt_length <= 0:
+            raise ValueError(f"--prompt-len must be > 0, got {self.prompt_length}")
+        for name in ("steps", "batch_size", "eval_every", "snapshot_every", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.head_lr > 0:
+            raise ValueError(f"--lr and --head-lr must be > 0, got {self.lr} and {self.head_lr}")
+        if self.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"unknown --prompt-init {self.prompt_init!r}; use one of {', '.join(PROMPT_INITS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.head == "auto":
+            self.head = DEFAULT_HEAD.get(self.model, "classifier")
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warmup, then linear decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def step_gradients(model: PromptModel, params: dict[str, Tensor], batch, config: TrainConfig,
+                   generator: torch.Generator) -> dict[str, float]:
+    """Backpropagate this method's training loss into params; return the losses to log."""
+    clean = model.loss(params, batch).mean()
+    clean.backward()
+    return {"loss": clean.item(), "clean_loss": clean.item()}
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def train(config: TrainConfig) -> Path:
+    """Train one prompt; select the best step on validation; save the checkpoint; return its path."""
+    from tqdm.auto import tqdm
+
+    from ptp_core.backbones import load_backbone
+
+    out = Path(config.out)
+    check_output(out, config.overwrite)
+    started = time.time()
+    generator = torch.Generator().manual_seed(config.seed)
+    task = load_task(config.task, config.label_words, config.template)
+    backbone = load_backbone(config.model, config.head, task.num_labels, config.device, DTYPES[config.dtype],
+                             Path(config.cache_dir) if config.cache_dir else None)
+    template = task.template if config.head == "verbalizer" else (config.template or "{text}")
+    model = PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length)
+    params = {k: v.clone().requires_grad_(True) for k, v in
+              model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text).items()}
+    head = [v for k, v in params.items() if k != "prompt"]
+    optimizer = torch.optim.AdamW([{"params": [params["prompt"]], "lr": config.lr},
+                                   {"params": head, "lr": config.head_lr}][:2 if head else 1],
+                                  weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_ratio * config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup))
+    train_split = task.splits["train"]
+    valid_batches = encode_split(model, task.splits["validation"].head(config.eval_examples))
+    log, snapshots, steps_seen = [], [params["prompt"].detach().cpu().clone()], [0]
+    best = {"accuracy": -1.0, "step": 0, "params": {k: v.detach().clone() for k, v in params.items()}}
+    batches, status = [], "complete"
+    bar = tqdm(range(1, config.steps + 1), desc=f"{config.method} seed {config.seed}", disable=not config.progress)
+    for step in bar:
+        if not batches:
+            batches = batch_indices(len(train_split), config.batch_size, generator)
+        index = batches.pop(0)
+        batch = model.encode([train_split.texts[i] for i in index], [train_split.labels[i] for i in index])
+        optimizer.zero_grad(set_to_none=True)
+        losses = step_gradients(model, params, batch, config, generator)
+        if not all(math.isfinite(v) for v in losses.values()):
+            status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
+            break
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best['accuracy']:.3f}")
+        log.append({"step": step, "lr": scheduler.get_last_lr()[0], **losses})
+        if step % config.snapshot_every == 0:
+            snapshots.append(params["prompt"].detach().cpu().clone())
+            steps_seen.append(step)
+        if step % config.eval_every == 0 or step == config.steps:
+            result = evaluate(model, params, valid_batches)
+            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"]})
+            if result["accuracy"] > best["accuracy"]:
+                best = {"accuracy": result["accuracy"], "step": step,
+                        "params": {k: v.detach().clone() for k, v in params.items()}}
+    bar.close()
+    final = best["params"]
+    if best["accuracy"] < 0:  # stopped before the first evaluation: measure the initial prompt
+        best["accuracy"] = evaluate(model, final, valid_batches)["accuracy"]
+    test = evaluate(model, final, encode_split(model, task.splits["test"]))
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "overwrite", "cache_dir")}
+    meta = {
+        **settings, "head": config.head, "kind": backbone.kind, "model_path": backbone.path,
+        "task": config.task, "label_names": task.label_names, "label_words": task.label_words,
+        "template": template, "num_labels": task.num_labels, "split_sizes": task.sizes(), "status": status,
+        "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_n": test["n"],
+                    "best_validation_accuracy": best["accuracy"], "best_step": best["step"],
+                    "seconds": round(time.time() - started, 1)},
+        "log": log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(steps_seen)}  # (S, P, D), (S,)
+    save_checkpoint(out, final, meta, trajectory, backbone.model.config, overwrite=True)
+    _write_log(out, log)
+    if status != "complete":
+        raise ValueError(f"{status} ({out})")
+    return out
+
+
+def _write_log(out: Path, log: list[dict]) -> None:
+    """metrics.jsonl: one JSON object per logged step (training loss, lr, validation)."""
+    with open(out / "metrics.jsonl", "w") as f:
+        for row in log:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def add_arguments(p) -> None:
+    """The training flags (shared with the sweep, which passes them on to every run)."""
+    from ptp_core import cli
+
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="minilm, smollm2, an HF model id or a local folder")
+    p.add_argument("--task", default=d.task, help="rotten_tomatoes, a CSV/JSONL file (text,label[,split]) or HF name")
+    p.add_argument("--head", default=d.head, choices=("auto", "classifier", "verbalizer"))
+    p.add_argument("--prompt-len", dest="prompt_length", type=int, default=d.prompt_length)
+    p.add_argument("--prompt-init", default=d.prompt_init, choices=PROMPT_INITS)
+    p.add_argument("--prompt-init-text", default=d.prompt_init_text)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-examples", type=cli.positive(int), default=None)
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--label-words", type=lambda s: s.split(","), default=None, help="comma-separated, one per label")
+    p.add_argument("--template", default=None, help="e.g. '{text} It was {mask}.'")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES))
+    p.add_argument("--progress", default=True, action=__import__("argparse").BooleanOptionalAction)
+
+
+def config_from_args(args, **overrides) -> TrainConfig:
+    from ptp_core import cli
+
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values.update(device=cli.auto_device(args.device), cache_dir=str(cli.cache_dir() or "") or None, **overrides)
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from ptp_core import cli
+
+    p = cli.parser("python -m ptp_core.train", "Train a soft prompt on a frozen backbone.")
+    add_arguments(p)
+    p.add_argument("--method", default="pt", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    args = p.parse_args(argv)
+    cli.quiet_transformers()
+    config = config_from_args(args)
+    out = train(config)
+    metrics = json.loads((out / META).read_text())["metrics"]
+    print(json.dumps({"checkpoint": str(out), **metrics}))
+    return out
+
+
+if __name__ == "__main__":
+    from ptp_core.cli import run
+
+    run(main)

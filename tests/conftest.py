@@ -1,0 +1,119 @@
+"""Tiny random BERT / GPT-2 / Llama models and a toy sentiment task, built offline for the tests."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GOOD = ["good", "great", "fun", "lovely", "superb", "moving"]
+BAD = ["bad", "awful", "dull", "boring", "weak", "messy"]
+FILLER = ["the", "movie", "film", "was", "plot", "acting", "quite", "really", "a", "and", "it", "story"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = SPECIALS + GOOD + BAD + FILLER + ["terrible", "positive", "negative", "It", ".", ",", "Review", ":"]
+
+
+def make_tokenizer(kind: str):
+    """A word-level fast tokenizer: BERT-style [CLS] x [SEP] for "masked", plain words for "causal"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if kind == "masked":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
+
+
+def toy_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 3) + [rng.choice(GOOD if label else BAD)] + rng.sample(FILLER, rng.randint(0, 3))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "positive" if label else "negative"})
+    return rows
+
+
+def _save(model, kind: str, path) -> str:
+    torch.manual_seed(0)
+    model.save_pretrained(path)
+    make_tokenizer(kind).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """Folders of tiny random models: bert (with pooler and MLM head), gpt2, llama.
+
+    initializer_range=0.3 (HF default 0.02) so that random features carry enough signal to learn the toy task.
+    """
+    from transformers import BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    vocab = len(WORDS)
+    bert = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                                         initializer_range=0.3))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      bos_token_id=3, eos_token_id=3, pad_token_id=0, initializer_range=0.3))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=True,
+                                         initializer_range=0.3))
+    return {"bert": _save(bert, "masked", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),
+            "llama": _save(llama, "causal", root / "llama")}
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory) -> str:
+    """A learnable toy sentiment task with train/validation/test splits."""
+    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    rows = [dict(r, split=s) for s, n, seed in (("train", 96, 1), ("validation", 32, 2), ("test", 32, 3))
+            for r in toy_rows(n, seed)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def build_model(model_dir: str, head: str, seed: int = 0, prompt_length: int = 4):
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+
+    backbone = load_backbone(model_dir, head, num_labels=2)
+    model = PromptModel(backbone, head, 2, label_words=["negative", "positive"],
+                        template="{text} It was {mask}." if head == "verbalizer" else "{text}")
+    model.params = model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_model(tiny_dirs):
+    """PromptModel: tiny BERT with the classifier head, 4 virtual tokens."""
+    return build_model(tiny_dirs["bert"], "classifier")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_model(tiny_dirs):
+    """PromptModel: tiny GPT-2 with the causal verbalizer head."""
+    return build_model(tiny_dirs["gpt2"], "verbalizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_batch_texts() -> tuple[list[str], list[int]]:
+    rows = toy_rows(6, seed=7)
+    return [r["text"] for r in rows], [int(r["label"] == "positive") for r in rows]

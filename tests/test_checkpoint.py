@@ -1,0 +1,102 @@
+"""PEFT-compatible checkpoints: bitwise round trip, PEFT loads ours, we load PEFT's."""
+import json
+
+import pytest
+import torch
+
+from ptp_core.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _save(model, path, **meta):
+    meta = {"model": model.model_path, "head": model.head, "kind": model.kind, "label_words": model.label_words,
+            "template": model.template, "num_labels": 2, "method": "pt", "seed": 0, **meta}
+    trajectory = {"prompts": torch.stack([model.params["prompt"]] * 3), "steps": torch.tensor([0, 1, 2])}
+    return save_checkpoint(path, model.params, meta, trajectory, model.backbone.config)
+
+
+def test_save_load_bitwise(tiny_bert_model, tmp_path):
+    out = _save(tiny_bert_model, tmp_path / "ckpt")
+    loaded = load_checkpoint(out)
+    assert loaded.params.keys() == tiny_bert_model.params.keys()
+    for k, v in tiny_bert_model.params.items():
+        assert torch.equal(loaded.params[k], v)
+    assert loaded.trajectory["prompts"].shape == (3, 4, 32)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp directory
+    rebuilt = loaded.build_model()
+    texts = ["good movie", "dull plot"]
+    torch.testing.assert_close(rebuilt.predict(texts), tiny_bert_model.predict(texts))
+
+
+def _peft_base(model, arch_dir):
+    import transformers
+
+    if model.head == "classifier":
+        config = transformers.AutoConfig.from_pretrained(arch_dir)
+        config.num_labels = 2
+        return transformers.AutoModelForSequenceClassification.from_pretrained(arch_dir, config=config)
+    return transformers.AutoModelForCausalLM.from_pretrained(arch_dir)
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("gpt2", "verbalizer"), ("llama", "verbalizer")])
+def test_peft_loads_our_checkpoint(arch, head, tiny_dirs, tmp_path, tiny_batch_texts):
+    from peft import PeftModel
+
+    from conftest import build_model
+
+    model = build_model(tiny_dirs[arch], head, seed=3)
+    out = _save(model, tmp_path / "ckpt")
+    peft_model = PeftModel.from_pretrained(_peft_base(model, tiny_dirs[arch]), out).eval()
+    texts = tiny_batch_texts[0]
+    ours = model.predict(texts)
+    for i, text in enumerate(texts):  # one at a time: PEFT pads differently
+        rendered, _ = model.render(text)
+        inputs = model.tokenizer(rendered, return_tensors="pt")
+        with torch.no_grad():
+            logits = peft_model(**inputs).logits
+        if head == "verbalizer":
+            logits = logits[:, -1, model.label_ids]
+        torch.testing.assert_close(logits[0], ours[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("gpt2", "verbalizer")])
+def test_we_load_a_peft_saved_checkpoint(arch, head, tiny_dirs, tmp_path):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from conftest import build_model
+
+    reference = build_model(tiny_dirs[arch], head)
+    torch.manual_seed(5)
+    task_type = TaskType.SEQ_CLS if head == "classifier" else TaskType.CAUSAL_LM
+    peft_model = get_peft_model(_peft_base(reference, tiny_dirs[arch]),
+                                PromptTuningConfig(task_type=task_type, num_virtual_tokens=3)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    ckpt = load_checkpoint(tmp_path / "peft")
+    assert ckpt.params["prompt"].shape == (3, 32)
+    model = ckpt.build_model(label_words=["negative", "positive"], template="{text} It was {mask}.")
+    text = "good movie"
+    inputs = model.tokenizer(model.render(text)[0], return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    expected = expected[0] if head == "classifier" else expected[0, -1, model.label_ids]
+    torch.testing.assert_close(model.predict([text])[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_checkpoints(tiny_bert_model, tmp_path):
+    out = _save(tiny_bert_model, tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    weights = out / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(out)
+    weights.write_bytes(data)
+    (out / "ptp.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(out)
+    (out / "ptp.json").write_text(json.dumps({"model": "minilm", "head": "classifier", "num_labels": 2}))
+    with pytest.raises(ValueError, match="token_dim 32 but model 'minilm' has 384"):
+        load_checkpoint(out).build_model()
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_checkpoint(out)

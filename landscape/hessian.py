@@ -60,7 +60,9 @@ class HessianOperator:
         # math backend is plain differentiable ops, so the graph is built with that one only.
         with sdpa_kernel(SDPBackend.MATH):
             self.loss = loss_fn(dict(zip(params, self.leaves)))
-            self.grads = torch.autograd.grad(self.loss, self.leaves, create_graph=True)
+            grads = torch.autograd.grad(self.loss, self.leaves, create_graph=True, allow_unused=True)
+        # A tensor the loss ignores (e.g. a head next to a verbalizer) has zero gradient and curvature.
+        self.grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.leaves)]
         self.size = sum(t.numel() for t in self.leaves)
         self.hvps = 0
 
@@ -95,23 +97,25 @@ class EigenResult:
 
 def top_eigenvalues(
     loss_fn: LossFn, params: Params, k: int = 1, tol: float = 1e-4,
-    seed: int | torch.Generator = 0, max_hvps: int = 500,
+    seed: int | torch.Generator = 0, max_hvps: int = 500, ncv: int | None = None,
 ) -> EigenResult:
     """Top-k Hessian eigenpairs by implicitly restarted Lanczos (ARPACK eigsh, which='LA').
 
-    The start vector is drawn from `seed`. `max_hvps` caps the products: ARPACK's restarts are
-    limited accordingly and whatever converged is returned (missing pairs are NaN).
+    The start vector is drawn from `seed`. ncv is the Lanczos basis size (default max(2k+1, 20)),
+    so at least ncv HVPs are spent. `max_hvps` caps the products: ARPACK's restarts are limited
+    accordingly (the cap can be overshot by < ncv) and whatever converged is returned, NaN for the rest.
     """
     operator = HessianOperator(loss_fn, params)
     n = operator.size
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and {n - 1} (the number of parameters minus one), got {k}")
-    ncv = min(n, max(2 * k + 1, 20))
+    ncv = min(n, ncv or max(2 * k + 1, 20))
     linear_operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=operator.numpy_matvec, dtype=np.float64)
     start = torch.randn(n, generator=as_generator(seed), dtype=torch.float64).numpy()
     maxiter = max(1, (max_hvps - ncv) // max(1, ncv - k) + 1)
     try:
-        values, vectors = scipy.sparse.linalg.eigsh(linear_operator, k=k, which="LA", tol=tol, v0=start, ncv=ncv, maxiter=maxiter)
+        values, vectors = scipy.sparse.linalg.eigsh(
+            linear_operator, k=k, which="LA", tol=tol, v0=start, ncv=ncv, maxiter=maxiter)
         converged = True
     except scipy.sparse.linalg.ArpackNoConvergence as error:
         values, vectors, converged = error.eigenvalues, error.eigenvectors, False
@@ -167,7 +171,8 @@ def hutchpp(loss_fn: LossFn, params: Params, hvps: int = 99, seed: int | torch.G
     generator = as_generator(seed)
     sketch = _rademacher(operator.size, third, generator).numpy().T  # (N, m/3)
     probes = _rademacher(operator.size, third, generator).numpy().T  # (N, m/3)
-    basis, _ = scipy.linalg.qr(np.stack([operator.numpy_matvec(s) for s in sketch.T], axis=1), mode="economic")  # (N, m/3)
+    sketched = np.stack([operator.numpy_matvec(s) for s in sketch.T], axis=1)  # (N, m/3): H S
+    basis, _ = scipy.linalg.qr(sketched, mode="economic")  # (N, m/3): Q
     exact = sum(float(q @ operator.numpy_matvec(q)) for q in basis.T)
     projected = probes - basis @ (basis.T @ probes)  # (N, m/3): P G
     samples = np.array([float(p @ operator.numpy_matvec(p)) for p in projected.T])  # (m/3,)
@@ -254,7 +259,8 @@ def worst_case_sharpness(
         return loss_fn(unflatten_params(theta + scale * u[0], like)).reshape(1)
 
     radius = torch.tensor([float(rho)], dtype=theta.dtype, device=theta.device)
-    base, best, best_u, forwards = _projected_ascent(group_loss, (1, theta.numel()), radius, steps, step_size, as_generator(seed))
+    base, best, best_u, forwards = _projected_ascent(
+        group_loss, (1, theta.numel()), radius, steps, step_size, as_generator(seed))
     delta = scale * best_u[0]  # (N,)
     return WorstCaseResult(float(best[0]), float(base[0]), float(delta.norm()), float(best_u[0].norm()),
                            unflatten_params(delta, like), forwards)
@@ -269,7 +275,7 @@ def input_space_closure(model, params: Params, batch) -> tuple[Callable[[Tensor]
     def loss_fn_input(delta: Tensor) -> Tensor:
         return model.loss(params, batch, input_perturbation=delta)  # (B,)
 
-    return loss_fn_input, model.embed(batch), batch.text_mask
+    return loss_fn_input, model.embed(batch).detach(), batch.text_mask
 
 
 def _text_norms(text_embeddings: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -330,7 +336,10 @@ def input_average_sharpness(
     loss_fn_input: Callable[[Tensor], Tensor], text_embeddings: Tensor, text_mask: Tensor,
     sigma: float, samples: int = 20, seed: int | torch.Generator = 0,
 ) -> AverageResult:
-    """E_delta mean_b l_b(E_b + delta_b) - l_b(E_b), Gaussian delta on text tokens with E||delta_b||^2 = sigma^2 ||E_b||^2."""
+    """E_delta mean_b l_b(E_b + delta_b) - l_b(E_b), Gaussian delta_b on b's text tokens only.
+
+    sigma is relative like eps of input_worst_case_sharpness: E||delta_b||^2 = sigma^2 ||E_b||^2.
+    """
     if samples < 2:
         raise ValueError(f"samples must be at least 2 for a confidence interval, got {samples}")
     norms, mask = _text_norms(text_embeddings, text_mask)
@@ -339,7 +348,8 @@ def input_average_sharpness(
     center = float(loss_fn_input(torch.zeros_like(text_embeddings)).mean())
     gains = np.empty(samples)
     for i in range(samples):
-        noise = torch.randn(text_embeddings.shape, generator=generator, dtype=text_embeddings.dtype).to(text_embeddings.device)
+        noise = torch.randn(text_embeddings.shape, generator=generator, dtype=text_embeddings.dtype)  # (B, T, D)
+        noise = noise.to(text_embeddings.device)
         gains[i] = float(loss_fn_input(noise * mask * per_coordinate[:, None, None]).mean()) - center
     return _mean_with_ci(gains, center, samples + 1)
 

@@ -68,13 +68,13 @@ def surface_metrics(
     off_centre = ~((x[in_disc] == alphas[i0]) & (y[in_disc] == betas[j0]))
     eigenvalues, r2 = _quadratic_fit(x[in_disc], y[in_disc], loss[in_disc], two_d=len(betas) > 1)
 
-    flat_radius = {
-        "+x": _first_crossing(alphas[i0:] - alphas[i0], loss[i0:, j0], center_loss + tau),
-        "-x": _first_crossing(alphas[i0] - alphas[: i0 + 1][::-1], loss[: i0 + 1, j0][::-1], center_loss + tau),
-    }
+    # Each half-axis walks outwards from the centre: [i0:] forwards, [i0::-1] backwards.
+    threshold = center_loss + tau
+    flat_radius = {"+x": _first_crossing(np.abs(alphas[i0:]), loss[i0:, j0], threshold),
+                   "-x": _first_crossing(np.abs(alphas[i0::-1]), loss[i0::-1, j0], threshold)}
     if len(betas) > 1:
-        flat_radius["+y"] = _first_crossing(betas[j0:] - betas[j0], loss[i0, j0:], center_loss + tau)
-        flat_radius["-y"] = _first_crossing(betas[j0] - betas[: j0 + 1][::-1], loss[i0, : j0 + 1][::-1], center_loss + tau)
+        flat_radius["+y"] = _first_crossing(np.abs(betas[j0:]), loss[i0, j0:], threshold)
+        flat_radius["-y"] = _first_crossing(np.abs(betas[j0::-1]), loss[i0, j0::-1], threshold)
         flat_radius["y"] = min(flat_radius["+y"], flat_radius["-y"])
     flat_radius["x"] = min(flat_radius["+x"], flat_radius["-x"])
 
@@ -163,3 +163,43 @@ def _first_crossing(distance: np.ndarray, loss: np.ndarray, threshold: float) ->
         return 0.0
     d0, d1, l0, l1 = distance[k - 1], distance[k], loss[k - 1], loss[k]
     return float(d0 + (threshold - l0) / (l1 - l0) * (d1 - d0))
+
+
+def metrics_row(
+    checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
+    surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
+    input_worst_case=None, input_average=None, settings: dict | None = None, **extra,
+) -> dict:
+    """One metrics.json row under DESIGN.md's key names.
+
+    eigen, trace, worst_case, ... are the result dataclasses of landscape.hessian (EigenResult,
+    TraceResult, WorstCaseResult, AverageResult). Estimator costs go to row["cost"] and the
+    caller's settings (rho, sigma, eps, ...) plus the surface's radius/tau to row["settings"],
+    so that the statistics (landscape.stats) treat neither as metrics.
+    """
+    row: dict = {"checkpoint": checkpoint, "method": method, "seed": seed, "test_accuracy": test_accuracy}
+    cost: dict = {}
+    settings = dict(settings or {})
+    if surface is not None:
+        values = surface.to_dict()
+        settings.update(surface_radius=values.pop("radius"), surface_tau=values.pop("tau"))
+        cost["surface_points"] = values.pop("points_used")
+        row.update(values)
+    if eigen is not None:
+        row.update(hessian_eigenvalues=eigen.eigenvalues, hessian_eigenvalue_residuals=eigen.residuals,
+                   hessian_eigen_converged=eigen.converged)
+        cost["hessian_eigen_hvps"] = eigen.hvps
+    if trace is not None:
+        row.update(hessian_trace=trace.trace, hessian_trace_stderr=trace.stderr)
+        cost["hessian_trace_hvps"] = trace.hvps
+    for prefix, result in (("", worst_case), ("input_", input_worst_case)):
+        if result is not None:
+            row[f"{prefix}worst_case_sharpness"] = result.sharpness
+            cost[f"{prefix}worst_case_forwards"] = result.forwards
+    for prefix, result in (("", average), ("input_", input_average)):
+        if result is not None:
+            row.update({f"{prefix}average_sharpness": result.sharpness,
+                        f"{prefix}average_sharpness_ci": [result.ci_low, result.ci_high]})
+            cost[f"{prefix}average_sharpness_forwards"] = result.forwards
+    row.update(extra, cost=cost, settings=settings)
+    return row

@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 
 import matplotlib
 import numpy as np
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
@@ -46,11 +47,24 @@ def method_color(method: str, index: int) -> str:
     return METHOD_COLORS.get(method, OKABE_ITO[index % len(OKABE_ITO)])
 
 
-def axis_labels(surface: Surface) -> tuple[str, str]:
-    """("α (gradient direction)", "β (orthogonal direction)") from the surface's spec."""
+def direction_names(surface: Surface) -> tuple[str, str]:
+    """What α and β move along: spec["direction_labels"] if given, else by spec["directions"]."""
     custom = surface.spec.get("direction_labels")
-    first, second = custom or DIRECTION_LABELS.get(str(surface.spec.get("directions")), ("direction 1", "direction 2"))
+    if custom:
+        return str(custom[0]), str(custom[1])
+    return DIRECTION_LABELS.get(str(surface.spec.get("directions")), ("direction 1", "direction 2"))
+
+
+def axis_labels(surface: Surface) -> tuple[str, str]:
+    """("α (gradient direction)", "β (orthogonal direction)") for 2D axes."""
+    first, second = direction_names(surface)
     return f"α ({first})", f"β ({second})"
+
+
+def axis_caption(surface: Surface) -> str:
+    """"α: gradient direction   β: orthogonal direction", one line under 3D panels."""
+    first, second = direction_names(surface)
+    return f"α: {first}   β: {second}"
 
 
 def _style(style: str) -> dict:
@@ -66,8 +80,8 @@ def _rc(style: str) -> Iterator[dict]:
     with matplotlib.rc_context({
         "font.size": s["font"], "axes.titlesize": s["title"], "axes.labelsize": s["font"],
         "xtick.labelsize": s["font"] - 1, "ytick.labelsize": s["font"] - 1, "legend.fontsize": s["font"] - 1,
-        "lines.linewidth": s["line"], "figure.labelsize": s["font"], "figure.titlesize": s["title"], "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
-        "figure.constrained_layout.use": True,
+        "figure.labelsize": s["font"], "figure.titlesize": s["title"], "lines.linewidth": s["line"],
+        "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
     }):
         yield s
 
@@ -77,7 +91,10 @@ def _width(style: dict, panels: int) -> float:
 
 
 def _loss_range(surfaces: Sequence[Surface], zmin: float | None, zmax: float | None) -> tuple[float, float]:
-    """Shared z-range over all surfaces (finite points only) unless given."""
+    """Shared z-range over all 2D surfaces (finite points only) unless given."""
+    if any(min(s.shape) < 2 for s in surfaces):
+        raise ValueError("a 1D surface (grid of one row) has no 2D picture; draw it with profiles(), "
+                         "or compute a 2D grid (--grid 21 rather than --grid 21x1)")
     finite = np.concatenate([s.loss[np.isfinite(s.loss)] for s in surfaces])
     if finite.size == 0 and (zmin is None or zmax is None):
         raise ValueError("the surfaces have no computed point; compute the grid before drawing it")
@@ -99,7 +116,8 @@ def landscape_3d(surfaces: Mapping[str, Surface], sharpness: Mapping[str, float]
         low, high = _loss_range(list(surfaces.values()), zmin, zmax)
         norm = Normalize(low, high)
         n = len(surfaces)
-        fig = Figure(figsize=(_width(s, n), s["panel_height"] * (1.15 if n > 1 else 1.3)))
+        height = s["panel_height"] * (1.15 if n > 1 else 1.3)
+        fig = Figure(figsize=(_width(s, n), height), layout="constrained")
         for k, (method, surface) in enumerate(surfaces.items()):
             ax = fig.add_subplot(1, n, k + 1, projection="3d")
             alpha_grid, beta_grid = np.meshgrid(surface.alphas, surface.betas, indexing="ij")  # (nx, ny)
@@ -117,10 +135,10 @@ def landscape_3d(surfaces: Mapping[str, Surface], sharpness: Mapping[str, float]
             title = method if not sharpness or method not in sharpness else (
                 f"{method}\n{sharpness_label} {sharpness[method]:.3g}")
             ax.set_title(title, pad=0)
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=fig.axes, shrink=0.7,
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=fig.axes, shrink=0.7,
                      label="loss", pad=0.04)
         first = next(iter(surfaces.values()))
-        fig.supxlabel("   ".join(axis_labels(first)).replace(" (", ": ").replace(")", ""))
+        fig.supxlabel(axis_caption(first))
     return fig
 
 
@@ -143,19 +161,22 @@ def contour(surfaces: Mapping[str, Surface],
         bounds = _log_levels(low, high, levels)
         norm = BoundaryNorm(bounds, ncolors=256)
         n = len(surfaces)
-        fig = Figure(figsize=(_width(s, n), s["panel_height"] if n > 1 else s["column"] * 0.85))
+        height = s["panel_height"] if n > 1 else s["column"] * 0.85
+        fig = Figure(figsize=(_width(s, n), height), layout="constrained")
         axes = fig.subplots(1, n, squeeze=False, sharex=False, sharey=False)[0]
         for ax, (method, surface) in zip(axes, surfaces.items()):
             # contourf wants z[y, x]; loss is (nx, ny) so transpose. Values beyond the range are
             # clipped into the end bins so every computed point gets a colour.
             z = np.clip(surface.loss.T, bounds[0], bounds[-1])  # (ny, nx)
             filled = ax.contourf(surface.alphas, surface.betas, z, levels=bounds, cmap=cmap, norm=norm)
-            ax.contour(surface.alphas, surface.betas, z, levels=bounds, colors="white", linewidths=0.25, alpha=0.5)
+            ax.contour(surface.alphas, surface.betas, z, levels=bounds, colors="white", linewidths=0.25,
+                       alpha=0.5)
             path = (trajectories or {}).get(method)
             if path is not None and len(path):
                 points = np.asarray(path, dtype=float)  # (S, 2)
                 ax.plot(points[:, 0], points[:, 1], "-o", color="white", markersize=s["marker"] * 0.5,
-                        markeredgecolor="black", markeredgewidth=0.4, linewidth=s["line"] * 0.8, label="trajectory")
+                        markeredgecolor="black", markeredgewidth=0.4, linewidth=s["line"] * 0.8,
+                        label="trajectory")
             ax.plot([0.0], [0.0], marker="*", color="#D55E00", markeredgecolor="black", markeredgewidth=0.4,
                     markersize=s["marker"] * 2, linestyle="none", label="trained prompt")
             x_label, y_label = axis_labels(surface)
@@ -163,9 +184,9 @@ def contour(surfaces: Mapping[str, Surface],
             ax.set_ylabel(y_label)
             ax.set_title(method)
             ax.set_aspect("auto")
+        ticks = bounds[np.unique(np.linspace(0, len(bounds) - 1, 5).round().astype(int))]  # ends included
         colorbar = fig.colorbar(filled, ax=list(axes), label="loss (log-spaced levels)", pad=0.02)
-        colorbar.ax.set_yticks(bounds[:: max(1, len(bounds) // 5)])
-        colorbar.ax.set_yticklabels([f"{v:.3g}" for v in bounds[:: max(1, len(bounds) // 5)]])
+        colorbar.ax.set_yticks(ticks, [f"{v:.3g}" for v in ticks])
     return fig
 
 
@@ -183,15 +204,19 @@ def profiles(surfaces: Mapping[str, Surface | Sequence[Surface]], *, style: str 
     if quantity not in ("loss", "accuracy"):
         raise ValueError(f"quantity must be 'loss' or 'accuracy', got {quantity!r}")
     with _rc(style) as s:
-        fig = Figure(figsize=(s["page"] * (0.6 if style == "paper" else 1.0), s["panel_height"]))
-        axes = fig.subplots(1, 2, sharey=True)
+        all_seeds = [surface for value in surfaces.values() for surface in _as_list(value)]
+        # A 1D surface (betas == [0]) has only the α profile.
+        panels = 1 if all(surface.betas.size == 1 for surface in all_seeds) else 2
+        width = s["column"] if panels == 1 else s["page"] * (0.6 if style == "paper" else 1.0)
+        fig = Figure(figsize=(width, s["panel_height"]), layout="constrained")
+        axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0]
         for k, (method, value) in enumerate(surfaces.items()):
             seeds = _as_list(value)
             color = method_color(method, k)
             for axis, ax in enumerate(axes):
                 coordinates, curves = _slices(seeds, axis, quantity)  # (n,), (seeds, n)
                 mean = curves.mean(axis=0)
-                label = method if len(seeds) == 1 else f"{method} (mean of {len(seeds)})"
+                label = method if len(seeds) == 1 else f"{method} (mean, min–max of {len(seeds)})"
                 ax.plot(coordinates, mean, color=color, label=label)
                 if len(seeds) > 1:
                     ax.fill_between(coordinates, curves.min(axis=0), curves.max(axis=0), color=color,
@@ -212,7 +237,8 @@ def _slices(seeds: list[Surface], axis: int, quantity: str) -> tuple[np.ndarray,
     for surface in seeds:
         own = surface.alphas if axis == 0 else surface.betas
         if not np.array_equal(own, coordinates):
-            raise ValueError("surfaces of one method lie on different grids; compute all seeds with one --grid/--span")
+            raise ValueError("surfaces of one method lie on different grids; "
+                             "compute all seeds with one --grid/--span")
         i, j = surface.center_index
         values = getattr(surface, quantity)
         curves.append(values[:, j] if axis == 0 else values[i, :])
@@ -223,18 +249,21 @@ def difference(surface_a: Surface, surface_b: Surface, *, label_a: str | None = 
                label_b: str | None = None, style: str = "paper", limit: float | None = None,
                cmap: str = "PuOr_r", levels: int = 17) -> Figure:
     """L_b − L_a on shared directions, diverging colour map centred at 0 (symmetric ±limit)."""
-    if not (np.array_equal(surface_a.alphas, surface_b.alphas) and np.array_equal(surface_a.betas, surface_b.betas)):
+    if not (np.array_equal(surface_a.alphas, surface_b.alphas)
+            and np.array_equal(surface_a.betas, surface_b.betas)):
         raise ValueError("difference needs surfaces on one grid; compute both with the same --grid/--span")
     if surface_a.direction_1 is not None and surface_b.direction_1 is not None and not (
             np.array_equal(surface_a.direction_1, surface_b.direction_1)
             and np.array_equal(surface_a.direction_2, surface_b.direction_2)):
         raise ValueError("difference needs shared directions; compute both surfaces with one direction set")
+    if min(surface_a.shape) < 2:
+        raise ValueError("a 1D surface has no 2D difference map; compare profiles() instead")
     label_a, label_b = label_a or surface_a.method, label_b or surface_b.method
     delta = surface_b.loss - surface_a.loss  # (nx, ny)
     finite = np.abs(delta[np.isfinite(delta)])
     bound = limit if limit is not None else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
     with _rc(style) as s:
-        fig = Figure(figsize=(s["column"], s["column"] * 0.85))
+        fig = Figure(figsize=(s["column"], s["column"] * 0.85), layout="constrained")
         ax = fig.subplots()
         bounds = np.linspace(-bound, bound, levels)
         filled = ax.contourf(surface_a.alphas, surface_a.betas, np.clip(delta.T, -bound, bound),  # (ny, nx)

@@ -18,7 +18,7 @@ import plotly.io
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from landscape.render import axis_labels
+from landscape.render import axis_caption, axis_labels
 from landscape.surface import Surface
 
 Table = str | Sequence[Mapping[str, object]]
@@ -44,27 +44,27 @@ def surface_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
     scenes so the page needs a single WebGL context, whatever the number of methods.
     """
     methods = list(surfaces)
-    fig = make_subplots(rows=1, cols=len(methods), specs=[[{"type": "scene"}] * len(methods)],
-                        subplot_titles=methods, horizontal_spacing=0.02)
-    for col, method in enumerate(methods, start=1):
+    cols = min(3, len(methods))  # more than three scenes per row get too small to read
+    rows = math.ceil(len(methods) / cols)
+    fig = make_subplots(rows=rows, cols=cols, specs=[[{"type": "scene"}] * cols] * rows,
+                        subplot_titles=methods, horizontal_spacing=0.02, vertical_spacing=0.04)
+    for index, method in enumerate(methods):
         surface = surfaces[method]
-        x_label, y_label = axis_labels(surface)
         # plotly draws z[row=y, col=x]; loss is (nx, ny) -> transpose to (ny, nx).
         fig.add_trace(go.Surface(
             x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(surface.loss.T),
             customdata=_nan_to_none(surface.accuracy.T), colorscale=cmap, cmin=zrange[0], cmax=zrange[1],
-            showscale=col == len(methods), colorbar=dict(title="loss", thickness=12), name=method,
+            showscale=index == 0, colorbar=dict(title="loss", thickness=12), name=method,
             hovertemplate=f"<b>{html.escape(method)}</b><br>α=%{{x:.3f}}<br>β=%{{y:.3f}}<br>loss=%{{z:.4f}}"
                           "<br>accuracy=%{customdata:.3f}<extra></extra>",
-        ), row=1, col=col)
-        scene = "scene" if col == 1 else f"scene{col}"
-        fig.update_layout({scene: dict(xaxis_title="α", yaxis_title="β", zaxis_title="",
-                                       zaxis=dict(range=list(zrange)), aspectmode="cube",
-                                       camera=dict(eye=dict(x=-1.55, y=-1.55, z=1.05)))})
+        ), row=index // cols + 1, col=index % cols + 1)
+    fig.update_scenes(xaxis_title="α", yaxis_title="β", zaxis_title="", zaxis=dict(range=list(zrange)),
+                      aspectmode="cube", camera=dict(eye=dict(x=-1.55, y=-1.55, z=1.05)))
+    # Long direction names do not fit along 3D axes: one line under the scenes says what α, β are.
     first = next(iter(surfaces.values()))
-    fig.update_layout(height=460, margin=dict(l=0, r=0, t=40, b=50),
+    fig.update_layout(height=440 * rows + 20, margin=dict(l=0, r=0, t=40, b=50),
                       annotations=list(fig.layout.annotations) + [dict(
-                          text="   ".join(axis_labels(first)).replace(" (", ": ").replace(")", ""),
+                          text=axis_caption(first),
                           x=0.5, y=-0.02, xref="paper", yref="paper", yanchor="top", showarrow=False)])
     return fig
 
@@ -73,40 +73,46 @@ def contour_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
                    trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> go.Figure:
     """log10(loss) contours, one panel per method, shared colour scale, centre marked."""
     methods = list(surfaces)
-    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, horizontal_spacing=0.06)
+    cols = min(3, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=methods, horizontal_spacing=0.06,
+                        vertical_spacing=0.12)
     low, high = (math.log10(max(v, 1e-12)) for v in zrange)
     ticks = np.linspace(low, high, 5).tolist()  # colour bar in log10(loss), labelled in loss units
-    for col, method in enumerate(methods, start=1):
+    for index, method in enumerate(methods):
+        row, col = index // cols + 1, index % cols + 1
         surface = surfaces[method]
         log_loss = np.log10(np.clip(surface.loss.T, 1e-12, None))  # (ny, nx); NaN stays NaN
         fig.add_trace(go.Contour(
             x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(log_loss),
             customdata=_nan_to_none(surface.loss.T), colorscale=cmap, zmin=low, zmax=high,
-            contours=dict(start=low, end=high, size=(high - low) / 14 or 1.0), showscale=col == len(methods),
+            contours=dict(start=low, end=high, size=(high - low) / 14 or 1.0), showscale=index == 0,
             colorbar=dict(title="loss", thickness=12, tickvals=ticks, ticktext=[f"{10 ** t:.3g}" for t in ticks]),
             hovertemplate="α=%{x:.3f}<br>β=%{y:.3f}<br>loss=%{customdata:.4f}<extra></extra>",
-        ), row=1, col=col)
+        ), row=row, col=col)
         path = (trajectories or {}).get(method)
         if path is not None and len(path):
             points = np.asarray(path, dtype=float)  # (S, 2)
             fig.add_trace(go.Scatter(x=points[:, 0].tolist(), y=points[:, 1].tolist(), mode="lines+markers",
                                      line=dict(color="white"), marker=dict(size=5, color="white"),
-                                     name="trajectory", showlegend=False), row=1, col=col)
+                                     name="trajectory", showlegend=False), row=row, col=col)
         fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="trained prompt", showlegend=False,
                                  marker=dict(symbol="star", size=12, color="#D55E00", line=dict(width=1))),
-                      row=1, col=col)
+                      row=row, col=col)
         x_label, y_label = axis_labels(surface)
-        fig.update_xaxes(title_text=x_label, row=1, col=col)
-        fig.update_yaxes(title_text=y_label if col == 1 else None, row=1, col=col)
-    fig.update_layout(height=380, margin=dict(l=40, r=20, t=40, b=40))
+        fig.update_xaxes(title_text=x_label, row=row, col=col)
+        fig.update_yaxes(title_text=y_label if col == 1 else None, row=row, col=col)
+    fig.update_layout(height=360 * rows + 20, margin=dict(l=40, r=20, t=40, b=40))
     return fig
 
 
 def _cell(value: object) -> str:
-    if isinstance(value, float):
+    if isinstance(value, (float, np.floating)):
         return "–" if not math.isfinite(value) else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return html.escape(json.dumps(value, sort_keys=True, default=str))
     return html.escape(str(value))
 
 
@@ -144,6 +150,9 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
     """
     if not surfaces:
         raise ValueError("report_html needs at least one surface")
+    if any(min(s.shape) < 2 for s in surfaces.values()):
+        raise ValueError("a 1D surface (grid of one row) has no 3D or contour view; compute a 2D grid "
+                         "(--grid 21 rather than --grid 21x1) for the report")
     finite = np.concatenate([s.loss[np.isfinite(s.loss)] for s in surfaces.values()])
     if finite.size == 0 and (zmin is None or zmax is None):
         raise ValueError("the surfaces have no computed point; compute the grid before writing a report")

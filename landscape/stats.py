@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ import numpy as np
 import scipy.stats
 
 IDENTITY_KEYS = ("checkpoint", "method", "seed")
+# Columns tabulated but not analysed: row["cost"], row["settings"] and per-checkpoint uncertainties.
+NOT_ANALYSED = re.compile(r"^(cost|settings)_|_stderr$|_ci_\d+$|_residuals_\d+$")
 TARGET = "test_accuracy"
 
 
@@ -80,10 +83,11 @@ def flatten_row(row: dict) -> dict:
 
 
 def metric_names(rows: list[dict]) -> list[str]:
-    """Numeric columns of the flattened rows except checkpoint/method/seed, in first-seen order."""
+    """Numeric columns of the flattened rows to analyse (see NOT_ANALYSED), in first-seen order."""
     names: dict[str, None] = {}
     for row in map(flatten_row, rows):
-        names.update({k: None for k, v in row.items() if k not in IDENTITY_KEYS and _is_number(v, finite=False)})
+        names.update({k: None for k, v in row.items()
+                      if k not in IDENTITY_KEYS and not NOT_ANALYSED.search(k) and _is_number(v, finite=False)})
     return list(names)
 
 
@@ -100,39 +104,41 @@ def summarize(rows: list[dict], metrics: list[str] | None = None, n_resamples: i
               seed: int = 0) -> list[GroupSummary]:
     """Per method and metric: n, mean, std (ddof=1) and 95% bootstrap CI."""
     out = []
-    for metric in metrics or metric_names(rows):
+    for metric in metric_names(rows) if metrics is None else metrics:
         for method, values in _groups(rows, metric).items():
+            mean = float(np.mean(values)) if values else None
             if len(values) < 2:
-                reason = f"{method} has {len(values)} checkpoint(s) with {metric}; std and CI need at least 2 (train more seeds)"
-                out.append(GroupSummary(method, metric, len(values), float(np.mean(values)) if values else None, None, None, None, reason))
+                reason = f"{method} has {len(values)} checkpoint(s) with {metric}; std and CI need at least 2"
+                out.append(GroupSummary(method, metric, len(values), mean, None, None, None, reason))
                 continue
             low, high = bootstrap_ci(values, n_resamples, seed=seed)
-            out.append(GroupSummary(method, metric, len(values), float(np.mean(values)), float(np.std(values, ddof=1)), low, high))
+            out.append(GroupSummary(method, metric, len(values), mean, float(np.std(values, ddof=1)), low, high))
     return out
 
 
 def compare_methods(rows: list[dict], metrics: list[str] | None = None) -> list[PairwiseTest]:
     """Every pair of methods: Welch's t, Mann-Whitney U (two-sided), Hedges' g and rank-biserial r."""
     out = []
-    for metric in metrics or metric_names(rows):
+    for metric in metric_names(rows) if metrics is None else metrics:
         groups = _groups(rows, metric)
         for a, b in itertools.combinations(groups, 2):
             x, y = np.array(groups[a]), np.array(groups[b])
             test = PairwiseTest(metric, a, b, len(x), len(y))
             if min(len(x), len(y)) < 2:
-                test.reason = f"{metric}: {a} has {len(x)} and {b} has {len(y)} checkpoint(s); tests need at least 2 each"
+                test.reason = f"{metric}: {a} has {len(x)}, {b} {len(y)} checkpoint(s); tests need at least 2 each"
             else:
                 u = scipy.stats.mannwhitneyu(x, y, alternative="two-sided")
                 test.mann_whitney_u, test.mann_whitney_p = float(u.statistic), float(u.pvalue)
                 test.rank_biserial = float(2 * u.statistic / (len(x) * len(y)) - 1)
-                pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2))
+                dof = len(x) + len(y) - 2
+                pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / dof)
                 if pooled == 0:
                     test.reason = f"{metric}: both {a} and {b} are constant; t-test and effect size undefined"
                 else:
                     t = scipy.stats.ttest_ind(x, y, equal_var=False)
                     test.welch_t, test.welch_p = float(t.statistic), float(t.pvalue)
                     # Hedges 1981: Cohen's d times the small-sample correction 1 - 3 / (4 (n_a + n_b) - 9).
-                    test.hedges_g = float((x.mean() - y.mean()) / pooled * (1 - 3 / (4 * (len(x) + len(y)) - 9)))
+                    test.hedges_g = float((x.mean() - y.mean()) / pooled * (1 - 3 / (4 * dof - 1)))
             out.append(test)
     return out
 
@@ -140,12 +146,12 @@ def compare_methods(rows: list[dict], metrics: list[str] | None = None) -> list[
 def correlate(rows: list[dict], metrics: list[str] | None = None, target: str = TARGET) -> list[Correlation]:
     """Spearman's rho of each metric vs `target` over all checkpoints (all methods pooled)."""
     out = []
-    for metric in metrics or [m for m in metric_names(rows) if m != target]:
+    for metric in [m for m in metric_names(rows) if m != target] if metrics is None else metrics:
         pairs = [(r.get(metric), r.get(target)) for r in map(flatten_row, rows)]
         pairs = np.array([p for p in pairs if _is_number(p[0]) and _is_number(p[1])], dtype=np.float64).reshape(-1, 2)
         result = Correlation(metric, target, len(pairs))
         if len(pairs) < 3:
-            result.reason = f"{metric} vs {target}: {len(pairs)} checkpoint(s) with both values; Spearman needs at least 3"
+            result.reason = f"{metric} vs {target}: {len(pairs)} checkpoint(s) with both; Spearman needs at least 3"
         elif np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
             result.reason = f"{metric} vs {target}: one of them is constant over the checkpoints"
         else:
@@ -184,7 +190,8 @@ def write_metrics_json(rows: list[dict], out_dir: str | Path) -> Path:
 def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
     """metrics.csv: one flattened row per checkpoint; empty cell = missing."""
     flat = [flatten_row(r) for r in rows]
-    columns = list(dict.fromkeys([k for k in IDENTITY_KEYS if any(k in r for r in flat)] + [k for r in flat for k in r]))
+    identity = [k for k in IDENTITY_KEYS if any(k in r for r in flat)]
+    columns = list(dict.fromkeys(identity + [k for r in flat for k in r]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -219,14 +226,17 @@ def write_metrics_tex(rows: list[dict], out_dir: str | Path, n_resamples: int = 
 def write_tables(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> dict[str, Path]:
     """All four files; returns {suffix: path}."""
     return {"json": write_metrics_json(rows, out_dir), "csv": write_metrics_csv(rows, out_dir),
-            "md": write_metrics_md(rows, out_dir, n_resamples, seed), "tex": write_metrics_tex(rows, out_dir, n_resamples, seed)}
+            "md": write_metrics_md(rows, out_dir, n_resamples, seed),
+            "tex": write_metrics_tex(rows, out_dir, n_resamples, seed)}
 
 
-def _tables(rows: list[dict], n_resamples: int, seed: int, plus_minus: str) -> list[tuple[str, list[str], list[list[str]]]]:
+def _tables(rows: list[dict], n_resamples: int, seed: int, plus_minus: str) -> list[tuple]:
+    """[(title, header, body rows of cell strings)] for the four tables of the md/tex writers."""
     flat = [flatten_row(r) for r in rows]
     metrics = metric_names(rows)
     per_checkpoint = (["checkpoint", "method", "seed", *metrics],
-                      [[str(r.get(k, "")) for k in IDENTITY_KEYS] + [_number(r.get(m)) for m in metrics] for r in flat])
+                      [["" if r.get(k) is None else str(r[k]) for k in IDENTITY_KEYS]
+                       + [_number(r.get(m)) for m in metrics] for r in flat])
     methods = list(dict.fromkeys(str(r.get("method")) for r in flat))
     cells = {(s.metric, s.method): s for s in summarize(rows, metrics, n_resamples, seed)}
 
@@ -237,8 +247,9 @@ def _tables(rows: list[dict], n_resamples: int, seed: int, plus_minus: str) -> l
 
     grouped = (["metric", *methods], [[m, *(summary_cell(cells[m, method]) for method in methods)] for m in metrics])
     tests = (["metric", "method a", "method b", "Welch t", "Welch p", "MWU U", "MWU p", "Hedges g", "rank-biserial"],
-             [[t.metric, t.method_a, t.method_b, *map(_number, (t.welch_t, t.welch_p, t.mann_whitney_u, t.mann_whitney_p,
-                                                               t.hedges_g, t.rank_biserial))] for t in compare_methods(rows, metrics)])
+             [[t.metric, t.method_a, t.method_b, *map(_number, (t.welch_t, t.welch_p, t.mann_whitney_u,
+                                                               t.mann_whitney_p, t.hedges_g, t.rank_biserial))]
+              for t in compare_methods(rows, metrics)])
     spearman = (["metric", "n", f"Spearman rho vs {TARGET}", "p"],
                 [[c.metric, str(c.n), _number(c.spearman_rho), _number(c.p_value)]
                  for c in correlate(rows, [m for m in metrics if m != TARGET])])
@@ -255,9 +266,11 @@ def _cell(value):
 
 
 def _tex(text: str) -> str:
-    if "$" in text:  # already math (the ± sign)
-        return text.replace("_", "\\_").replace("%", "\\%").replace("–", "--")
-    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&").replace("#", "\\#").replace("–", "--")
+    math_mode = "$" in text  # our own cells carry "$\\pm$"; other text gets every special escaped
+    for raw, escaped in ([] if math_mode else [("\\", "\\textbackslash{}")]) + [
+            ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"), ("–", "--")]:
+        text = text.replace(raw, escaped)
+    return text
 
 
 def _json_safe(value):

@@ -14,6 +14,7 @@ from landscape.hessian import (
     hutchpp,
     hvp,
     input_average_sharpness,
+    input_space_closure,
     input_worst_case_sharpness,
     linear_path,
     loss_barrier,
@@ -29,7 +30,8 @@ def tiny_problem(prompt_length: int = 3, dim: int = 4, examples: int = 16, seed:
     x = torch.randn(examples, dim, generator=g)  # (B, D)
     labels = torch.randint(0, 3, (examples,), generator=g)
     w1, w2 = torch.randn(prompt_length, 8, generator=g), torch.randn(8, 3, generator=g)
-    params = {"prompt": torch.randn(prompt_length, dim, generator=g) * 0.5, "bias": torch.randn(prompt_length, generator=g) * 0.1}
+    params = {"prompt": torch.randn(prompt_length, dim, generator=g) * 0.5,
+              "bias": torch.randn(prompt_length, generator=g) * 0.1}
 
     def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = p["prompt"].dtype  # the dense reference runs in float64
@@ -76,6 +78,13 @@ def test_top_eigenvalues_match_dense_hessian():
     assert result.hvps > 0
     again = top_eigenvalues(loss_fn, params, k=3, tol=1e-6, seed=0)
     assert again.eigenvalues == result.eigenvalues and again.hvps == result.hvps  # seeded
+
+
+def test_tensor_the_loss_ignores_has_zero_curvature():
+    loss_fn, params = tiny_problem()
+    params = dict(params, unused=torch.ones(2))
+    product = hvp(loss_fn, params, {k: torch.ones_like(v) for k, v in params.items()})
+    assert torch.equal(product["unused"], torch.zeros(2)) and product["prompt"].abs().sum() > 0
 
 
 def test_top_eigenvalues_budget_and_bad_k():
@@ -188,6 +197,49 @@ def test_hvp_on_tiny_prompt_model(fixture, tiny_batch_texts, request):
         leaf = p.clone().requires_grad_(True)
         return torch.autograd.grad(loss_fn({"prompt": leaf}), leaf)[0].double()
 
-    h = 1e-3
-    finite = (grad_at(params["prompt"] + h * v["prompt"].float()) - grad_at(params["prompt"] - h * v["prompt"].float())) / (2 * h)
+    step = 1e-3 * v["prompt"].float()
+    finite = (grad_at(params["prompt"] + step) - grad_at(params["prompt"] - step)) / 2e-3
     assert float((got - finite).norm() / finite.norm()) < 2e-2
+
+
+def test_estimator_results_make_a_design_metrics_row(tmp_path):
+    """metrics_row + write_tables: DESIGN.md's keys, JSON-clean, costs and settings not analysed."""
+    import json
+
+    from landscape.metrics import metrics_row, surface_metrics
+    from landscape.stats import metric_names, write_tables
+
+    loss_fn, params = tiny_problem()
+    axis = np.linspace(-1, 1, 5)
+    surface = surface_metrics(axis, axis, 1.0 + np.add.outer(axis**2, axis**2), radius=1.0, tau=1.0)  # never exceeds 2
+    row = metrics_row(
+        "runs/pt-0", "pt", 0, test_accuracy=0.8, surface=surface,
+        eigen=top_eigenvalues(loss_fn, params, k=2), trace=hessian_trace_hutchinson(loss_fn, params, probes=10),
+        worst_case=worst_case_sharpness(loss_fn, params, rho=0.1, steps=2),
+        average=average_sharpness(loss_fn, params, sigma=0.01, samples=4), settings={"rho": 0.1},
+    )
+    design_keys = {"checkpoint", "method", "seed", "center_loss", "center_acc", "grid_sharpness", "hessian_eigenvalues",
+                   "hessian_trace", "hessian_trace_stderr", "worst_case_sharpness", "average_sharpness"}
+    assert design_keys <= set(row)
+    assert row["cost"]["hessian_trace_hvps"] == 10
+    assert row["settings"] == {"rho": 0.1, "surface_radius": 1.0, "surface_tau": 1.0}
+    names = metric_names([row])
+    assert "hessian_eigenvalues_1" in names and "grid_sharpness" in names
+    assert not any(n.startswith(("cost_", "settings_")) or n.endswith(("_stderr", "_ci_1")) for n in names)
+    written = json.loads(write_tables([row, dict(row, seed=1)], tmp_path, n_resamples=50)["json"].read_text())
+    assert written[0]["center_acc"] is None and written[0]["flat_radius"]["+x"] is None  # NaN / inf -> null
+
+
+def test_input_space_estimators_on_tiny_prompt_model(tiny_bert_model, tiny_batch_texts):
+    """input_space_closure over PromptModel.loss: zero delta == plain loss; balls per example, text tokens only."""
+    model = tiny_bert_model
+    batch = model.encode(*tiny_batch_texts)
+    loss_fn_input, embeddings, text_mask = input_space_closure(model, model.params, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_fn_input(torch.zeros_like(embeddings)), model.loss(model.params, batch))
+    worst = input_worst_case_sharpness(loss_fn_input, embeddings, text_mask, eps=0.1, steps=3, seed=0)
+    norms = (embeddings * text_mask[..., None]).flatten(1).norm(dim=1)  # (B,)
+    assert torch.all(worst.delta.flatten(1).norm(dim=1) <= 0.1 * norms * (1 + 1e-5))
+    assert float(worst.delta[~text_mask].abs().max()) == 0.0 and worst.forwards == 5
+    average = input_average_sharpness(loss_fn_input, embeddings, text_mask, sigma=0.05, samples=8, seed=0)
+    assert worst.sharpness >= average.ci_low and average.forwards == 9

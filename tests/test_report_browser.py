@@ -15,7 +15,7 @@ import numpy as np
 import plotly.offline
 import pytest
 
-from landscape.report import report_html, table_html
+from landscape.report import contour_figure, report_html, surface_figure, table_html
 from landscape.surface import Surface
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,6 +73,17 @@ def test_missing_points_become_gaps() -> None:
     surface.accuracy[0, :3] = np.nan
     page = report_html({"pt": surface})
     assert "NaN" not in without_plotly_js(page)  # JSON null, which plotly draws as a gap
+
+
+def test_many_methods_wrap_three_per_row() -> None:
+    many = {f"method{k}": quadratic(0.5 + k, f"method{k}") for k in range(5)}
+    surfaces, contours = surface_figure(many, (0.3, 6.0)), contour_figure(many, (0.3, 6.0))
+    assert len(surfaces.data) == 5 and surfaces.layout.scene5.domain.y[1] < surfaces.layout.scene1.domain.y[0]
+    assert surfaces.layout.height > surface_figure(SURFACES, (0.3, 6.0)).layout.height
+    assert [t.showscale for t in surfaces.data] == [True] + [False] * 4  # one shared colour bar
+    assert sum(trace.type == "contour" for trace in contours.data) == 5
+    with pytest.raises(ValueError, match="1D surface"):
+        report_html({"pt": Surface(np.linspace(-1, 1, 5), np.zeros(1), np.ones((5, 1)), np.ones((5, 1)))})
 
 
 def test_table_html_formats() -> None:
@@ -148,10 +159,11 @@ def _assert_surfaces_drawn(page, tmp_path: Path) -> None:
 def _assert_hover_shows_accuracy(page) -> None:
     """Hovering over the first 3D scene shows α, β, loss and accuracy of the point under the mouse."""
     box = page.locator("#surfaces").bounding_box()
-    hover_js = "Array.from(document.querySelectorAll('#surfaces .hoverlayer')).map(e => e.textContent).join('')"
+    # gl3d puts its label in a .hovertext group of its own svg, outside .hoverlayer.
+    hover_js = "Array.from(document.querySelectorAll('#surfaces .hovertext')).map(e => e.textContent).join('')"
     pattern = r"ptα=(-?[\d.]+)β=(-?[\d.]+)loss=([\d.]+)accuracy=([\d.]+)"
     # Inside scene 1 (x < 0.32 of the width); retried because SwiftShader's first frames are slow.
-    for fx, fy in ((0.15, 0.5), (0.2, 0.6), (0.1, 0.5), (0.15, 0.4), (0.2, 0.4)) * 4:
+    for fx, fy in ((0.15, 0.5), (0.2, 0.6), (0.1, 0.5), (0.15, 0.4), (0.2, 0.4)) * 3:
         page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
         page.wait_for_timeout(250)
         match = re.search(pattern, page.evaluate(hover_js))

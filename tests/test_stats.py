@@ -29,7 +29,8 @@ def make_rows() -> list[dict]:
     rows = []
     for method, sharp, acc in (("pt", PT, ACC_PT), ("ptp-adv", PTP, ACC_PTP)):
         for seed, (s, a) in enumerate(zip(sharp, acc)):
-            rows.append({"checkpoint": f"runs/{method}-{seed}", "method": method, "seed": seed, "worst_case_sharpness": s,
+            rows.append({"checkpoint": f"runs/{method}-{seed}", "method": method, "seed": seed,
+                         "worst_case_sharpness": s,
                          "hessian_eigenvalues": [10 * s, s], "hessian_trace": float("nan") if seed == 0 else 3 * s,
                          "test_accuracy": a, "flat_radius": {"x": math.inf, "y": s}})
     return rows
@@ -54,9 +55,11 @@ def test_spearman_equals_scipy():
     correlations = {c.metric: c for c in correlate(make_rows())}
     reference = scipy.stats.spearmanr(PT + PTP, ACC_PT + ACC_PTP)
     c = correlations["worst_case_sharpness"]
-    assert c.n == 10 and c.spearman_rho == pytest.approx(reference.statistic) and c.p_value == pytest.approx(reference.pvalue)
+    assert c.n == 10
+    assert c.spearman_rho == pytest.approx(reference.statistic) and c.p_value == pytest.approx(reference.pvalue)
     assert "test_accuracy" not in correlations
-    assert correlations["flat_radius_x"].n == 0 and "at least 3" in correlations["flat_radius_x"].reason  # inf is dropped
+    never_crossed = correlations["flat_radius_x"]  # all inf: dropped
+    assert never_crossed.n == 0 and "at least 3" in never_crossed.reason
 
 
 def test_summary_and_bootstrap_ci():
@@ -70,7 +73,8 @@ def test_summary_and_bootstrap_ci():
     sample = np.random.default_rng(0).normal(size=400)
     low, high = bootstrap_ci(sample, 4000, seed=0)
     half = 1.96 * sample.std(ddof=1) / 20
-    assert low == pytest.approx(sample.mean() - half, abs=0.02) and high == pytest.approx(sample.mean() + half, abs=0.02)
+    assert low == pytest.approx(sample.mean() - half, abs=0.02)
+    assert high == pytest.approx(sample.mean() + half, abs=0.02)
 
 
 def test_groups_smaller_than_two_give_reasons_not_crashes():
@@ -96,7 +100,8 @@ def test_constant_groups_have_no_t_test():
 def test_writers(tmp_path):
     rows = make_rows()
     paths = write_tables(rows, tmp_path / "out", n_resamples=200)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "metrics.json", "metrics.md", "metrics.tex"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["metrics.csv", "metrics.json", "metrics.md", "metrics.tex"]  # and no temp files
     text = paths["json"].read_text()
     loaded = json.loads(text)  # strict JSON: NaN and inf became null
     assert "NaN" not in text and "Infinity" not in text and text == json.dumps(loaded, indent=2, sort_keys=True) + "\n"
@@ -104,7 +109,8 @@ def test_writers(tmp_path):
     assert loaded[1]["hessian_eigenvalues"] == rows[1]["hessian_eigenvalues"]
     table = list(csv.DictReader(paths["csv"].open()))
     assert len(table) == 10 and list(table[0])[:3] == ["checkpoint", "method", "seed"]
-    assert float(table[2]["hessian_eigenvalues_1"]) == rows[2]["hessian_eigenvalues"][0] and table[0]["hessian_trace"] == ""
+    assert float(table[2]["hessian_eigenvalues_1"]) == rows[2]["hessian_eigenvalues"][0]
+    assert table[0]["hessian_trace"] == ""
     markdown = paths["md"].read_text()
     assert "± " in markdown and "Welch" in markdown and "Spearman" in markdown and "runs/pt-0" in markdown
     tex = paths["tex"].read_text()

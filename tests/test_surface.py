@@ -61,7 +61,8 @@ def test_round_trip_is_bitwise(tmp_path: Path, with_directions: bool) -> None:
 
 def test_any_suffix_names_the_same_pair(tmp_path: Path) -> None:
     expected = (tmp_path / "x.npz", tmp_path / "x.json")
-    assert surface_paths(tmp_path / "x") == surface_paths(tmp_path / "x.npz") == surface_paths(tmp_path / "x.json") == expected
+    for name in ("x", "x.npz", "x.json"):
+        assert surface_paths(tmp_path / name) == expected
 
 
 def test_overwrite_replaces_previous_surface(tmp_path: Path) -> None:

@@ -1,0 +1,383 @@
+"""Batched, resumable, shardable evaluation of a loss surface on a grid.
+
+Many grid points go through ONE forward: their prompts are stacked (G, P, D) and folded into the
+batch by PromptModel (input space: their perturbations (G, B, T, D)). The grid is cut into fixed
+chunks of `chunk` points; a chunk is the unit of work, of saving and of sharding, and its
+composition never depends on what is already done, so a resumed or a sharded run repeats the same
+floating-point operations as one uninterrupted process (bitwise equal on CPU).
+
+    python -m landscape.grid CKPT [CKPT ...] --out surfaces/x [--space prompt|input] [--grid 21x21] ...
+    torchrun --standalone --nproc_per_node 2 -m landscape.grid CKPT --out surfaces/x ...
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from landscape.directions import KINDS, NORMS, Directions, input_directions, prompt_directions
+from landscape.surface import IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
+from ptp_core.checkpoint import Checkpoint
+from ptp_core.data import SPLITS, Split
+from ptp_core.model import Batch, PromptModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_TOKENS_PER_FORWARD = 1 << 15  # CPU FLOP/s stops growing well below this (bench/grid.py); bounds a chunk's time
+CPU_MEMORY_FRACTION = 0.25  # of available RAM for activations: other processes share the machine
+CUDA_MEMORY_FRACTION = 0.6  # of free GPU memory; an out-of-memory error still halves and retries
+
+
+@dataclass
+class SurfaceSpec:
+    """What surface to compute. grid: "21" (a line along d1) or "21x31" (nx x ny); even counts get 0 added."""
+
+    space: str = "prompt"  # prompt: perturb the trained tensors; input: perturb text-token embeddings
+    directions: str = "gradient"  # the paper's figure: x = gradient, y = a random orthogonal direction
+    norm: str = "filter"  # Li et al. 2018: scale per prompt token so the axes compare across checkpoints
+    grid: str = "21x21"
+    span: float = 1.0  # axes run over [-span, span] in units of the normalized directions
+    examples: int = 256  # the first N examples of `split`, in stored order: the same for every checkpoint
+    split: str = "test"
+    params: str = "prompt"  # prompt: hold a trained head at its value; all: perturb the head too
+    seed: int = 0
+    dtype: str = "float32"  # bfloat16: autocast (on CUDA); the loss is always reduced in float32
+    batch_size: int = 8  # examples per forward, sorted by length: small batches pad little; the chunk fills the forward
+    chunk: int | None = None  # grid points per forward; None: chosen from free memory
+    shape: tuple[int, int] = field(init=False)
+
+    def __post_init__(self):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[x×]\s*(\d+))?\s*", str(self.grid))
+        if not match or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
+            raise ValueError(f"grid {self.grid!r} is not a positive size; write e.g. --grid 21 (a line) or --grid 21x31")
+        self.shape = (int(match[1]), int(match[2]) if match[2] else 1)
+        if not self.span > 0:
+            raise ValueError(f"span must be > 0, got {self.span}; e.g. --span 1.0")
+        if self.examples is None or self.examples <= 0:
+            raise ValueError(f"examples must be > 0, got {self.examples}; e.g. --examples 256")
+        if self.batch_size <= 0 or (self.chunk is not None and self.chunk <= 0):
+            raise ValueError(f"batch size and chunk must be > 0, got {self.batch_size} and {self.chunk}")
+        for name, value, allowed in (("space", self.space, ("prompt", "input")), ("directions", self.directions, KINDS),
+                                     ("norm", self.norm, NORMS), ("split", self.split, SPLITS),
+                                     ("params", self.params, ("prompt", "all")), ("dtype", self.dtype, tuple(DTYPES))):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+        if self.space == "input" and self.directions != "gradient":
+            raise ValueError(f"input space uses per-example gradient directions, not {self.directions!r}; "
+                             "drop --directions or use --space prompt")
+
+    def axes(self) -> tuple[np.ndarray, np.ndarray]:
+        return grid_axis(self.shape[0], self.span), grid_axis(self.shape[1], self.span)
+
+
+def grid_axis(count: int, span: float) -> np.ndarray:
+    """count points over [-span, span] holding exactly 0.0 (inserted for even counts: count + 1 points)."""
+    if count == 1:
+        return np.zeros(1)
+    if count % 2:
+        half = (count - 1) // 2
+        return span * (np.arange(count) - half) / half  # the middle point is 0 * span / half == 0.0
+    return np.sort(np.append(np.linspace(-span, span, count), 0.0))
+
+
+# ---- evaluation subset -----------------------------------------------------------------------------
+
+def encode_examples(model: PromptModel, examples: Split, batch_size: int) -> tuple[list[Batch], list[list[int]]]:
+    """Batches sorted by length (less padding) and, per batch, the stored index of each example."""
+    lengths = model.encode(examples.texts).attention_mask.sum(1).tolist()  # (N,) tokens per example
+    ranked = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
+    order = [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
+    batches = [model.encode([examples.texts[i] for i in rows], [examples.labels[i] for i in rows]) for rows in order]
+    return batches, order
+
+
+def subset_hash(examples: Split) -> str:
+    digest = hashlib.sha256(json.dumps([examples.texts, examples.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+# ---- one chunk of grid points ------------------------------------------------------------------------
+
+def _scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example CE (the one loss's reduction='none') and correctness, both (G, B)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # (G*B, C)
+    losses = F.cross_entropy(flat, labels.repeat(logits.shape[0]), reduction="none").reshape(logits.shape[:2])
+    return losses, (logits.argmax(-1) == labels).float()
+
+
+@torch.inference_mode()
+def evaluate_points(model: PromptModel, batches: Sequence[Batch], order: Sequence[Sequence[int]],
+                    alphas: Tensor, betas: Tensor, directions: Directions | None = None,
+                    params: dict[str, Tensor] | None = None, input_pairs: Sequence[tuple[Tensor, Tensor]] | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Mean loss and accuracy (G,) at G points (alphas, betas (G,)) in one forward per batch.
+
+    Prompt space: pass `directions`. Input space: pass `params` (fixed) and `input_pairs`,
+    the per-batch (d1, d2) (B, T, D) of input_directions.
+    """
+    count = sum(len(rows) for rows in order)
+    losses = np.zeros((len(alphas), count))  # (G, N) in stored order, so the mean is batching-independent
+    correct = np.zeros((len(alphas), count))
+    stacked = directions.at(alphas, betas) if directions is not None else params
+    for k, (batch, rows) in enumerate(zip(batches, order)):
+        delta = None
+        if input_pairs is not None:
+            d1, d2 = input_pairs[k]
+            shape = (-1, 1, 1, 1)
+            delta = alphas.to(d1).reshape(shape) * d1 + betas.to(d1).reshape(shape) * d2  # (G, B, T, D)
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model.logits(stacked, batch, input_perturbation=delta)  # (G, B, C)
+        loss, hit = _scores(logits, batch.labels)
+        losses[:, rows] = loss.double().cpu().numpy()
+        correct[:, rows] = hit.double().cpu().numpy()
+    return losses.mean(axis=1), correct.mean(axis=1)
+
+
+def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int) -> int:
+    """Grid points per forward that fit memory (CUDA: free memory; CPU: available RAM, token cap)."""
+    config = model.backbone.config
+    hidden = model.embedding_dim
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    rows = max(len(b) for b in batches)
+    tokens = max(b.input_ids.shape[1] for b in batches) + model.params["prompt"].shape[-2]
+    # live activations of one layer, x3 for temporaries: (B, L, inner + 4 H) and the (B, heads, L, L) scores
+    per_point = 3 * 4 * rows * tokens * (inner + 4 * hidden + heads * tokens)
+    if model.device.type == "cuda":
+        budget = CUDA_MEMORY_FRACTION * torch.cuda.mem_get_info(model.device)[0]
+        limit = points
+    else:
+        budget = CPU_MEMORY_FRACTION * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limit = max(1, CPU_TOKENS_PER_FORWARD // (rows * tokens))
+    return int(max(1, min(points, limit, budget // per_point)))
+
+
+def _evaluate_chunk(evaluate, alphas: Tensor, betas: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """evaluate(alphas, betas); on CUDA out-of-memory, halve and retry (the caller halves its chunk too)."""
+    try:
+        return evaluate(alphas, betas)
+    except torch.cuda.OutOfMemoryError:
+        if len(alphas) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(alphas) // 2
+        first = _evaluate_chunk(evaluate, alphas[:half], betas[:half])
+        second = _evaluate_chunk(evaluate, alphas[half:], betas[half:])
+        return tuple(np.concatenate(pair) for pair in zip(first, second))
+
+
+# ---- the surface --------------------------------------------------------------------------------------
+
+def params_hash(params: dict[str, Tensor]) -> str:
+    return Checkpoint(Path("."), params, {}).content_hash()
+
+
+def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: Split, spec: SurfaceSpec,
+                       path: str | Path | None = None, *, others: Sequence[dict[str, Tensor]] = (),
+                       trajectory: dict | None = None, metadata: dict | None = None, overwrite: bool = False,
+                       progress: bool = True, save_every: float = 5.0) -> Surface:
+    """The surface of `spec` around params on `examples`; saved to (and resumed from) `path` if given.
+
+    Under torch.distributed the chunks are dealt to ranks round-robin and gathered after every round;
+    every rank returns the full surface, rank 0 writes the file.
+    """
+    examples = examples.head(spec.examples)
+    dtype = DTYPES[spec.dtype]
+    alphas, betas = spec.axes()
+    identity = {"checkpoint_hash": params_hash(params), "space": spec.space, "directions": spec.directions,
+                "normalization": "none" if spec.directions == "interp" else spec.norm, "seed": spec.seed,
+                "split": spec.split, "subset_hash": subset_hash(examples), "model": model.model_name,
+                "dtype": spec.dtype}
+    setting = {"grid": list(spec.shape), "span": spec.span, "examples": len(examples), "params": spec.params,
+               "others": [params_hash(p) for p in others]}
+    spec_hash = hashlib.sha256(json.dumps({**identity, **setting}, sort_keys=True).encode()).hexdigest()[:16]
+    rank, world = _rank_and_world()
+
+    surface = None
+    if path is not None and surface_paths(path)[0].exists() and surface_paths(path)[1].exists():
+        surface = load_surface(path)
+        if surface.spec.get("spec_hash") != spec_hash:
+            if not overwrite:
+                changed = [k for k in IDENTITY_KEYS + tuple(setting) if surface.spec.get(k) != {**identity, **setting}.get(k)]
+                raise ValueError(f"{surface_paths(path)[0]} holds another surface (differs in {', '.join(changed) or 'spec'}); "
+                                 "pass --overwrite to replace it or choose another --surface path")
+            surface = None
+        elif surface.is_complete:
+            return surface
+
+    batches, order = encode_examples(model, examples, spec.batch_size)
+    names = list(params) if spec.params == "all" else ["prompt"]
+    params = {k: v.to(model.device) for k, v in params.items()}
+    directions, input_pairs, stored = None, None, {}
+    if spec.space == "prompt":
+        directions = prompt_directions(model, params, batches, spec.directions, spec.norm, spec.seed, names,
+                                       [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory, dtype)
+        if surface is not None and surface.direction_1 is not None:  # resume exactly on the saved directions
+            directions.d1["prompt"] = torch.as_tensor(surface.direction_1).to(model.device, torch.float32)
+            directions.d2["prompt"] = torch.as_tensor(surface.direction_2).to(model.device, torch.float32)
+        stored = {"direction_1": directions.d1["prompt"].cpu().numpy(), "direction_2": directions.d2["prompt"].cpu().numpy()}
+        info = {k: _json_safe(v) for k, v in directions.info.items()}
+    else:
+        input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order, dtype)
+        info = {}
+    if surface is None:
+        surface = Surface.empty(alphas, betas, {**identity, **setting, **(metadata or {}), "spec_hash": spec_hash,
+                                                "direction_info": info, "batch_size": spec.batch_size}, **stored)
+
+    total = alphas.size * betas.size
+    chunk = spec.chunk or auto_chunk(model, batches, total)
+    if world > 1:  # every rank must cut the grid the same way
+        chunk = min(_all_gather((chunk,))[r][0] for r in range(world))
+    done = surface.done.reshape(-1)
+    chunks = [np.arange(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+    chunks = [c[~done[c]] for c in chunks if not done[c].all()]
+    grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32)  # (nx*ny,) row-major
+    grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32)
+
+    def evaluate(a: Tensor, b: Tensor):
+        return evaluate_points(model, batches, order, a.to(model.device), b.to(model.device), directions,
+                               params, input_pairs, dtype)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{spec.space} surface",
+               disable=not progress or rank != 0)
+    started, last_save, seconds = time.time(), time.time(), float(surface.spec.get("seconds") or 0.0)
+    try:
+        for start in range(0, len(chunks), world):
+            mine = chunks[start + rank] if start + rank < len(chunks) else np.arange(0)
+            result = _evaluate_chunk(evaluate, grid_a[mine], grid_b[mine]) if len(mine) else (np.zeros(0), np.zeros(0))
+            pieces = _all_gather((mine, *result)) if world > 1 else [(mine, *result)]
+            for index, loss, accuracy in pieces:
+                surface.loss.reshape(-1)[index] = loss
+                surface.accuracy.reshape(-1)[index] = accuracy
+                bar.update(len(index))
+            if path is not None and rank == 0 and time.time() - last_save >= save_every:
+                surface.spec["seconds"] = round(seconds + time.time() - started, 3)
+                save_surface(surface, path)
+                last_save = time.time()
+    finally:
+        bar.close()
+        surface.spec["seconds"] = round(seconds + time.time() - started, 3)
+        if path is not None and rank == 0:
+            save_surface(surface, path)  # also on interruption: finished chunks are kept
+    return surface
+
+
+def _json_safe(value):
+    """NaN/inf (e.g. an unconverged eigenvalue) become null: surface specs are strict JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(item) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: SurfaceSpec, path: str | Path | None = None,
+                    *, model: PromptModel | None = None, examples: Split | None = None, device: str = "cpu",
+                    cache_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
+                    save_every: float = 5.0) -> Surface:
+    """The surface of `spec` around the first checkpoint (interp: through all of them), saved to `path`."""
+    checkpoints = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
+    first = checkpoints[0]
+    if spec.directions == "interp":
+        if len(checkpoints) not in (2, 3):
+            raise ValueError(f"interp needs 2 checkpoints (a line) or 3 (a plane), got {len(checkpoints)}")
+        if len(checkpoints) == 2 and spec.shape[1] > 1:
+            raise ValueError(f"two checkpoints give a line, not a {spec.grid} grid; use --grid {spec.shape[0]} "
+                             "or pass a third checkpoint for a plane")
+        for other in checkpoints[1:]:
+            if other.meta.get("model") != first.meta.get("model") or \
+                    {k: tuple(v.shape) for k, v in other.params.items()} != {k: tuple(v.shape) for k, v in first.params.items()}:
+                raise ValueError(f"cannot interpolate {first.path} and {other.path}: different models or prompt "
+                                 "shapes; interpolate checkpoints of one model and prompt length")
+    elif len(checkpoints) != 1:
+        raise ValueError(f"{spec.directions} directions take one checkpoint, got {len(checkpoints)}; "
+                         "compute one surface per checkpoint (or use --directions interp)")
+    if spec.directions == "pca" and (first.trajectory is None or "prompts" not in first.trajectory):
+        raise ValueError(f"{first.path} has no trajectory.safetensors for pca directions; retrain with "
+                         "--snapshot-every N or use --directions gradient")
+    if model is None:
+        model = first.build_model(device, cache_dir=cache_dir)
+    if examples is None:
+        from ptp_core.data import load_task
+
+        if not first.meta.get("task"):
+            raise ValueError(f"{first.path} does not name its task; pass examples=")
+        task = load_task(first.meta["task"], label_words=first.meta.get("label_words"),
+                         label_names=first.meta.get("label_names"))
+        examples = task.splits[spec.split]
+    metadata = {"method": first.meta.get("method"), "checkpoint": str(first.path), "task": first.meta.get("task"),
+                "checkpoint_seed": first.meta.get("seed")}
+    return surface_for_params(model, first.params, examples, spec, path, others=[c.params for c in checkpoints[1:]],
+                              trajectory=first.trajectory, metadata=metadata, overwrite=overwrite,
+                              progress=progress, save_every=save_every)
+
+
+def main(argv: list[str] | None = None) -> Surface:
+    """CLI: compute one surface file (also under torchrun: NCCL on GPUs, gloo on CPU)."""
+    import argparse
+
+    from ptp_core import cli
+    from ptp_core.checkpoint import load_checkpoint
+
+    d = SurfaceSpec()
+    p = cli.parser("python -m landscape.grid", "Compute (or resume) a loss surface file NAME.npz + NAME.json.")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--out", required=True, help="surface path NAME (NAME.npz and NAME.json are written)")
+    for flag, default, kind in (("space", d.space, str), ("directions", d.directions, str), ("norm", d.norm, str),
+                                ("grid", d.grid, str), ("span", d.span, float), ("examples", d.examples, int),
+                                ("split", d.split, str), ("params", d.params, str), ("seed", d.seed, int),
+                                ("dtype", d.dtype, str), ("batch-size", d.batch_size, int), ("chunk", None, int)):
+        p.add_argument(f"--{flag}", default=default, type=kind)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace a surface file computed with another spec")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    args = p.parse_args(argv)
+    cli.quiet_transformers()
+    spec = SurfaceSpec(**{k: getattr(args, k) for k in asdict(d) if k != "shape"})
+    device = cli.auto_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        checkpoints = [load_checkpoint(c) for c in args.checkpoints]
+        return compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
+                               overwrite=args.overwrite, progress=args.progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from ptp_core.cli import run
+
+    run(main)

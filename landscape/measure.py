@@ -1,0 +1,100 @@
+"""Sharpness and curvature of one checkpoint: surface metrics plus the model-based estimators.
+
+Every number goes into one metrics.json row (landscape.metrics.metrics_row). The model-based
+estimators cost forwards and HVPs, so `MetricsConfig.which` picks them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from landscape import hessian
+from landscape.metrics import metrics_row, surface_metrics
+from landscape.surface import Surface
+from ptp_core.data import Split
+from ptp_core.model import PromptModel
+
+KINDS = ("surface", "hessian", "trace", "sharpness", "input")
+
+
+@dataclass
+class MetricsConfig:
+    which: tuple[str, ...] = KINDS
+    examples: int = 32  # the first N evaluation examples: HVPs keep the whole graph in memory
+    radius: float = 0.5  # surface metrics look at the disc |(alpha, beta)| <= radius (axes in direction units)
+    tau: float = 0.1  # flat basin: loss within L0 + tau
+    eigenvalues: int = 3
+    eigen_tol: float = 1e-4
+    max_hvps: int = 200
+    trace_hvps: int = 30  # Hutch++ (Meyer et al. 2021): a third sketches the top subspace
+    rho: float = 0.05  # worst-case ball radius, relative to the norm of the trained tensors
+    sigma: float = 0.01  # average-case noise std, relative to the RMS of the trained tensors
+    samples: int = 20
+    ascent_steps: int = 10
+    input_eps: float = 0.05  # input-space ball radius, relative to each example's text-embedding norm
+    params: str = "prompt"  # prompt: the soft prompt only; all: the head too
+    seed: int = 0
+
+    def __post_init__(self):
+        self.which = tuple(self.which)
+        unknown = sorted(set(self.which) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(KINDS)} (comma-separated)")
+        for name in ("examples", "radius", "tau", "eigenvalues", "max_hvps", "trace_hvps", "rho", "sigma",
+                     "ascent_steps", "input_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"metric setting {name} must be > 0, got {getattr(self, name)}")
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2 for a confidence interval, got {self.samples}")
+
+
+def measure(model: PromptModel, params: dict[str, Tensor], examples: Split, surface: Surface | None,
+            config: MetricsConfig, checkpoint: str = "", method: str = "", seed: int | None = None,
+            test_accuracy: float | None = None, input_surface: Surface | None = None) -> dict:
+    """One metrics row for a checkpoint: the surface's numbers and the estimators in config.which."""
+    results, settings = {}, asdict(config)
+    if "surface" in config.which and surface is not None:
+        results["surface"] = surface_metrics(surface.alphas, surface.betas, surface.loss, surface.accuracy,
+                                             config.radius, config.tau)
+    extra = {}
+    if input_surface is not None and "surface" in config.which:
+        input_metrics = surface_metrics(input_surface.alphas, input_surface.betas, input_surface.loss,
+                                        input_surface.accuracy, config.radius, config.tau)
+        extra.update(input_grid_sharpness=input_metrics.grid_sharpness,
+                     input_curvature_eigenvalues=input_metrics.curvature_eigenvalues)
+    if set(config.which) - {"surface"}:
+        results.update(_model_metrics(model, params, examples, config))
+    return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, **results, **extra)
+
+
+def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Split, config: MetricsConfig) -> dict:
+    subset = examples.head(config.examples)
+    batch = model.encode(subset.texts, subset.labels)
+    names = list(params) if config.params == "all" else ["prompt"]
+    held = {k: v.detach() for k, v in params.items() if k not in names}
+    trainable = {k: params[k].detach() for k in names}
+
+    def loss_fn(p: dict[str, Tensor]) -> Tensor:
+        return model.loss({**held, **p}, batch).mean()
+
+    flat = hessian.flatten_params(trainable)
+    out = {}
+    if "hessian" in config.which:
+        out["eigen"] = hessian.top_eigenvalues(loss_fn, trainable, config.eigenvalues, config.eigen_tol,
+                                               config.seed, config.max_hvps)
+    if "trace" in config.which:
+        out["trace"] = hessian.hutchpp(loss_fn, trainable, config.trace_hvps, config.seed)
+    if "sharpness" in config.which:
+        out["worst_case"] = hessian.worst_case_sharpness(loss_fn, trainable, config.rho * float(flat.norm()),
+                                                         config.ascent_steps, seed=config.seed)
+        rms = float(flat.pow(2).mean().sqrt())
+        out["average"] = hessian.average_sharpness(loss_fn, trainable, config.sigma * rms, config.samples, config.seed)
+    if "input" in config.which:
+        loss_input, embeddings, mask = hessian.input_space_closure(model, params, batch)
+        out["input_worst_case"] = hessian.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps,
+                                                                     config.ascent_steps, seed=config.seed)
+        out["input_average"] = hessian.input_average_sharpness(loss_input, embeddings, mask, config.input_eps,
+                                                               config.samples, config.seed)
+    return out

@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m ptp_core.demo --mode $(DEMO)
+	$(PY) -m landscape.demo --mode $(DEMO)
 
 clean-venv:
 	rm -rf $(VENV)

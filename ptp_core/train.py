@@ -20,8 +20,9 @@ from ptp_core.checkpoint import META, save_checkpoint
 from ptp_core.data import batch_indices, load_task
 from ptp_core.evaluate import encode_split, evaluate
 from ptp_core.model import PROMPT_INITS, PromptModel
+from ptp_core.perturb import NOISES, NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
 
-METHODS = ("pt",)  # the regularized methods (ptp-rn, ptp-adv) register here with their own issue
+METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,10 +37,10 @@ class TrainConfig:
     prompt_length: int = 20  # Lester et al. 2021: gains flatten beyond ~20 tokens
     prompt_init: str = "vocab"  # sampled vocabulary embeddings: a stable start (Lester et al. 2021)
     prompt_init_text: str = ""
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 32
     lr: float = 3e-2  # the prompt is a tiny parameter set; AdamW needs a large step for it
-    head_lr: float = 3e-3  # the freshly initialised classifier head
+    head_lr: float = 3e-2  # the freshly initialised classifier head (a small search: 3e-2 best of 4)
     weight_decay: float = 0.0  # decay pulls the prompt towards the origin, away from the vocabulary
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -55,6 +56,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form, recorded in ptp.json
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)  # ptp-rn / ptp-adv only; pt ignores it
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.head == "auto":
             self.head = DEFAULT_HEAD.get(self.model, "classifier")
+        if isinstance(self.perturb, dict):  # rebuilt from ptp.json
+            self.perturb = PerturbConfig(**self.perturb)
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -84,6 +88,8 @@ def schedule(step: int, total: int, warmup: int) -> float:
 def step_gradients(model: PromptModel, params: dict[str, Tensor], batch, config: TrainConfig,
                    generator: torch.Generator) -> dict[str, float]:
     """Backpropagate this method's training loss into params; return the losses to log."""
+    if config.method != "pt":
+        return ptp_gradients(model, params, batch, config.method, config.perturb, generator)
     clean = model.loss(params, batch).mean()
     clean.backward()
     return {"loss": clean.item(), "clean_loss": clean.item()}
@@ -109,7 +115,8 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.out)
     check_output(out, config.overwrite)
     started = time.time()
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
+    noise = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations draw from their own stream
     task = load_task(config.task, config.label_words, config.template)
     backbone = load_backbone(config.model, config.head, task.num_labels, config.device, DTYPES[config.dtype],
                              Path(config.cache_dir) if config.cache_dir else None)
@@ -135,7 +142,7 @@ def train(config: TrainConfig) -> Path:
         index = batches.pop(0)
         batch = model.encode([train_split.texts[i] for i in index], [train_split.labels[i] for i in index])
         optimizer.zero_grad(set_to_none=True)
-        losses = step_gradients(model, params, batch, config, generator)
+        losses = step_gradients(model, params, batch, config, noise)
         if not all(math.isfinite(v) for v in losses.values()):
             status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
             break
@@ -210,12 +217,31 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES))
     p.add_argument("--progress", default=True, action=__import__("argparse").BooleanOptionalAction)
+    q = PerturbConfig()
+    g = p.add_argument_group("PTP regularizers", "L = CE(clean) + reg_weight * CE(perturbed); scales are relative "
+                             "to the RMS of the embedding table")
+    g.add_argument("--target", default=q.target, choices=TARGETS, help="what ptp-rn / ptp-adv perturb")
+    g.add_argument("--reg-weight", type=float, default=q.reg_weight, help="lam, the weight of CE(perturbed)")
+    g.add_argument("--noise", default=q.noise, choices=NOISES, help="ptp-rn input/prompt noise distribution")
+    g.add_argument("--sigma", type=float, default=q.sigma, help="ptp-rn: noise RMS relative to the embedding RMS")
+    g.add_argument("--mask-rate", type=float, default=q.mask_rate, help="ptp-rn text: fraction of tokens masked")
+    g.add_argument("--replacement", default=q.replacement, choices=REPLACEMENTS, help="ptp-rn text: masking token")
+    g.add_argument("--adv-steps", type=int, default=q.adv_steps, help="ptp-adv: K ascent steps")
+    g.add_argument("--epsilon", type=float, default=q.epsilon, help="ptp-adv input: relative radius of the ball")
+    g.add_argument("--adv-step-size", type=float, default=q.adv_step_size, help="ascent step, fraction of the radius")
+    g.add_argument("--adv-init", type=float, default=q.adv_init, help="random start, fraction of the radius")
+    g.add_argument("--adv-norm", default=q.adv_norm, choices=NORMS)
+    g.add_argument("--adv-free", default=q.adv_free, action=__import__("argparse").BooleanOptionalAction,
+                   help="ptp-adv input: FreeLB, average the prompt's gradients over the K steps")
+    g.add_argument("--rho", type=float, default=q.rho, help="ptp-adv prompt: relative radius of the prompt ball")
+    g.add_argument("--swaps", type=int, default=q.swaps, help="ptp-adv text: HotFlip substitutions per input")
 
 
 def config_from_args(args, **overrides) -> TrainConfig:
     from ptp_core import cli
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values["perturb"] = PerturbConfig(**{k: v for k, v in vars(args).items() if k in PerturbConfig.__dataclass_fields__})
     values.update(device=cli.auto_device(args.device), cache_dir=str(cli.cache_dir() or "") or None, **overrides)
     return TrainConfig(**values)
 

@@ -1,0 +1,92 @@
+"""`make demo`: train PT, PTP-RN and PTP-ADV on the embedded default and compare their landscapes.
+
+    python -m landscape.demo --mode quick   # minilm + rotten_tomatoes, 1 seed, 9x9 grids: < 10 min on 2 CPU cores
+    python -m landscape.demo --mode full    # 5 seeds, + smollm2 with the verbalizer head, 31x31 grids
+
+Runs go to runs/demo[-full]/, figures and tables to figures/demo[-full]/. Finished runs and
+surfaces are reused, so an interrupted demo resumes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = ["pt", "ptp-rn", "ptp-adv"]
+
+
+@dataclass(frozen=True)
+class DemoSetting:
+    model: str
+    seeds: tuple[int, ...]
+    steps: int  # training steps per run
+    batch_size: int
+    eval_examples: int  # validation examples for model selection
+    grid: str  # landscape grid per axis
+    examples: int  # evaluation examples per grid point
+    metric_examples: int  # examples for the Hessian / sharpness estimators
+    metrics: str
+
+
+# quick: sized so that 3 trainings + 6 surfaces + metrics finish in under 10 minutes on a 2-core CPU
+QUICK = [DemoSetting("minilm", (0,), 150, 32, 256, "9", 32, 16, "surface,hessian,sharpness,input")]
+FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, "31", 256, 32, "surface,hessian,trace,sharpness,input"),
+        DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 8, 256, "31", 256, 16, "surface,hessian,trace,sharpness,input")]
+
+
+def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", progress: bool = True) -> Path:
+    """Train, measure and draw; return the figures folder."""
+    from landscape import plot
+    from ptp_core.sweep import run_sweep, summarize, summary_markdown, write_summary
+    from ptp_core.train import TrainConfig
+
+    settings = QUICK if mode == "quick" else FULL
+    suffix = "" if mode == "quick" else "-full"
+    figures = root / "figures" / f"demo{suffix}"
+    for setting in settings:
+        name = "" if setting.model == "minilm" else f"-{setting.model}"
+        runs = root / "runs" / f"demo{suffix}{name}"
+        out = figures if not name else figures.with_name(figures.name + name)
+        print(f"\n== {setting.model}: {', '.join(METHODS)} x seeds {list(setting.seeds)}, {setting.steps} steps; "
+              f"landscapes {setting.grid}x{setting.grid} on {setting.examples} test examples "
+              f"(model metrics on {setting.metric_examples}) ==", flush=True)
+        started = time.time()
+        base = TrainConfig(model=setting.model, steps=setting.steps, batch_size=setting.batch_size,
+                           eval_every=max(1, setting.steps // 3), eval_examples=setting.eval_examples,
+                           device=device, progress=progress)
+        run_sweep(base, METHODS, list(setting.seeds), runs)
+        rows = summarize(runs, METHODS, list(setting.seeds))
+        write_summary(runs, rows)
+        print(summary_markdown(rows), end="")
+        print(f"training: {time.time() - started:.0f} s", flush=True)
+        started = time.time()
+        plot.main([str(runs), "--out", str(out), "--space", "both", "--grid", setting.grid,
+                   "--examples", str(setting.examples), "--metric-examples", str(setting.metric_examples),
+                   "--metrics", setting.metrics, "--device", device] + ([] if progress else ["--no-progress"]))
+        print(f"landscapes and metrics: {time.time() - started:.0f} s")
+        print(f"figures: {out}/landscape_3d.pdf, contour.pdf, profiles.pdf, report.html; "
+              f"tables: {out}/metrics.md (.csv, .tex, .json); runs: {runs}/summary.md")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import argparse
+
+    from ptp_core import cli
+
+    p = cli.parser("python -m landscape.demo", "Train PT / PTP-RN / PTP-ADV and compare their loss landscapes.")
+    p.add_argument("--mode", default="quick", choices=("quick", "full"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    args = p.parse_args(argv)
+    cli.quiet_transformers()
+    started = time.time()
+    figures = run_demo(args.mode, Path("."), cli.auto_device(args.device), args.progress)
+    print(f"\ndemo ({args.mode}) finished in {time.time() - started:.0f} s; open {figures}/report.html")
+    return figures
+
+
+if __name__ == "__main__":
+    from ptp_core.cli import run
+
+    run(main)

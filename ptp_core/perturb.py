@@ -1,0 +1,278 @@
+"""PTP regularizers: train on clean and perturbed inputs together, L = CE(clean) + lam * CE(perturbed).
+
+Chen, Huang, Cheng 2023 (PTP, arXiv 2305.02423). The perturbation is random (`ptp-rn`) or
+adversarial (`ptp-adv`) and lives in one of three spaces (`target`):
+    input   the word embeddings of the text tokens (Gaussian/uniform noise; K-step PGD, or FreeLB)
+    prompt  the soft prompt itself (noise; SAM's worst case in a rho-ball, Foret et al. 2021)
+    text    the token ids (random masking; HotFlip substitutions, Ebrahimi et al. 2018)
+Every perturbation is a new tensor or a new Batch passed to the one loss; no weight is mutated.
+Scales are relative to the RMS of the embedding table, so one value works across models:
+a ball of relative radius eps holds perturbations whose RMS per coordinate is at most eps * RMS(E).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ptp_core.model import Batch, PromptModel
+
+TARGETS = ("input", "prompt", "text")
+NOISES = ("gaussian", "uniform")
+NORMS = ("l2", "linf")
+REPLACEMENTS = ("mask", "unk", "pad")
+
+
+@dataclass
+class PerturbConfig:
+    target: str = "input"
+    reg_weight: float = 1.0  # lam: clean and perturbed CE weigh the same, as in PTP
+    noise: str = "gaussian"
+    sigma: float = 1.0  # noise RMS / embedding RMS; BERT shrugs off less (notes/ptp_defaults.md)
+    mask_rate: float = 0.15  # BERT's masking rate; a fraction of the text tokens
+    replacement: str = "mask"  # falls back to unk, then pad, for tokenizers without a mask token
+    adv_steps: int = 1  # K ascent steps; K=1 keeps the cost near 2x pt
+    epsilon: float = 0.01  # relative radius of the input ball; one step raises CE ~1.4x (notes/ptp_defaults.md)
+    adv_step_size: float = 1.0  # ascent step as a fraction of the radius; 1.0 with K=1 is FGSM from the random start
+    adv_init: float = 0.5  # random start at this fraction of the radius (Madry et al. 2018 start inside the ball)
+    adv_norm: str = "l2"
+    adv_free: bool = False  # FreeLB (Zhu et al. 2020): average the prompt's gradients over the K ascent steps
+    rho: float = 0.05  # relative radius of the prompt ball (SAM's rho, relative to the embedding RMS)
+    swaps: int = 1  # HotFlip: token substitutions per input
+
+    def __post_init__(self):
+        for name, value, choices in (("target", self.target, TARGETS), ("noise", self.noise, NOISES),
+                                     ("adv-norm", self.adv_norm, NORMS), ("replacement", self.replacement, REPLACEMENTS)):
+            if value not in choices:
+                raise ValueError(f"unknown --{name} {value!r}; use one of {', '.join(choices)}")
+        for name in ("reg_weight", "sigma", "epsilon", "rho", "adv_step_size", "adv_init"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not 0 <= self.mask_rate <= 1:
+            raise ValueError(f"--mask-rate must be in [0, 1], got {self.mask_rate}")
+        if self.adv_steps < 1:
+            raise ValueError(f"--adv-steps must be >= 1, got {self.adv_steps}")
+        if self.swaps < 0:
+            raise ValueError(f"--swaps must be >= 0, got {self.swaps}")
+
+
+_RMS: "weakref.WeakKeyDictionary[torch.nn.Module, float]" = weakref.WeakKeyDictionary()
+
+
+def embedding_rms(model: PromptModel) -> float:
+    """RMS of the backbone's input-embedding table (cached per frozen table): the unit of every scale here."""
+    embeddings = model.backbone.get_input_embeddings()
+    if embeddings not in _RMS:
+        with torch.no_grad():
+            _RMS[embeddings] = embeddings.weight.float().pow(2).mean().sqrt().item()
+    return _RMS[embeddings]
+
+
+def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+def random_noise(shape: tuple[int, ...], rms: float, kind: str, generator: torch.Generator, like: Tensor) -> Tensor:
+    """Noise of the given RMS per coordinate: Gaussian N(0, rms^2) or uniform on [-sqrt(3) rms, sqrt(3) rms]."""
+    if kind == "gaussian":
+        return _randn(shape, generator, like) * rms
+    return (torch.rand(shape, generator=generator).to(like.device, like.dtype) * 2 - 1) * (math.sqrt(3) * rms)
+
+
+def ball_radius(batch: Batch, epsilon: float, rms: float, dim: int, norm: str) -> Tensor:
+    """Per-example radius (B, 1, 1): L2 radius eps * RMS(E) * sqrt(text tokens * D); L-inf eps * RMS(E)."""
+    if norm == "linf":
+        return torch.full((len(batch), 1, 1), epsilon * rms, device=batch.input_ids.device)
+    tokens = batch.text_mask.sum(1).clamp_min(1).float()  # (B,)
+    return (epsilon * rms * (tokens * dim).sqrt()).view(-1, 1, 1)
+
+
+def _l2(delta: Tensor) -> Tensor:
+    return delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.dim() - 1))  # (B, 1, ...)
+
+
+def project(delta: Tensor, radius: Tensor, norm: str) -> Tensor:
+    """Project each example's delta (B, T, D) onto its ball of the given radius (B, 1, 1)."""
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, radius), -radius)
+    return delta * (radius / _l2(delta).clamp_min(1e-12)).clamp(max=1)
+
+
+def ascent_step(delta: Tensor, gradient: Tensor, radius: Tensor, step_size: float, norm: str) -> Tensor:
+    """delta + alpha * steepest-ascent direction of the norm (normalized gradient, or its sign), projected."""
+    if norm == "linf":
+        direction = gradient.sign()
+    else:
+        direction = gradient / _l2(gradient).clamp_min(1e-12)
+    return project(delta + step_size * radius * direction, radius, norm)
+
+
+def random_start(batch: Batch, shape: tuple[int, ...], radius: Tensor, config: PerturbConfig,
+                 generator: torch.Generator, like: Tensor) -> Tensor:
+    """(B, T, D) start inside the ball: a random direction at adv_init * radius (L2), or uniform in the cube."""
+    mask = batch.text_mask.unsqueeze(-1).to(like.dtype)  # (B, T, 1)
+    if config.adv_norm == "linf":
+        return (torch.rand(shape, generator=generator).to(like.device, like.dtype) * 2 - 1) * radius * config.adv_init * mask
+    direction = _randn(shape, generator, like) * mask
+    return direction / _l2(direction).clamp_min(1e-12) * radius * config.adv_init
+
+
+def replacement_id(tokenizer, preferred: str) -> int:
+    """The id that masks a token: the preferred special token, else mask, unk, pad in that order."""
+    for name in (preferred, *REPLACEMENTS):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            return token_id
+    raise ValueError("the tokenizer has no mask, unk or pad token to mask text with; use --target input")
+
+
+def perturbable(model: PromptModel, batch: Batch) -> Tensor:
+    """(B, T) bool: text tokens that are not special tokens; template and label words are never in the text."""
+    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=batch.input_ids.device)
+    return batch.text_mask & ~torch.isin(batch.input_ids, special)
+
+
+def with_ids(batch: Batch, input_ids: Tensor) -> Batch:
+    return Batch(input_ids, batch.attention_mask, batch.text_mask, batch.answer_index, batch.labels)
+
+
+def mask_text(model: PromptModel, batch: Batch, rate: float, replacement: str, generator: torch.Generator) -> Batch:
+    """A new Batch with each perturbable token replaced by the mask token with probability `rate`."""
+    chosen = (torch.rand(batch.input_ids.shape, generator=generator) < rate).to(batch.input_ids.device)
+    chosen &= perturbable(model, batch)
+    return with_ids(batch, batch.input_ids.masked_fill(chosen, replacement_id(model.tokenizer, replacement)))
+
+
+def hotflip(model: PromptModel, batch: Batch, gradient: Tensor, swaps: int, chunk: int = 256) -> Batch:
+    """A new Batch with up to `swaps` substitutions per input maximizing the first-order loss increase.
+
+    gradient: (B, T, D) dCE/d(input embeddings). Gain of putting token v at position t is
+    grad_t . (E_v - E_{x_t}) (Ebrahimi et al. 2018); only positive gains are taken, one per position.
+    """
+    table = model.backbone.get_input_embeddings().weight.detach()  # (V, D)
+    table = table[:min(table.shape[0], len(model.tokenizer))]
+    allowed = perturbable(model, batch)  # (B, T)
+    rows, cols = allowed.nonzero(as_tuple=True)
+    best_gain = torch.full(batch.input_ids.shape, -math.inf, device=gradient.device)  # (B, T)
+    best_token = batch.input_ids.clone()
+    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=gradient.device)
+    special = special[special < table.shape[0]]
+    for start in range(0, len(rows), chunk):  # (N, V) gains, a chunk of positions at a time
+        r, c = rows[start:start + chunk], cols[start:start + chunk]
+        g = gradient[r, c].to(table.dtype)  # (N, D)
+        gain = (g @ table.T).float() - (g * table[batch.input_ids[r, c]]).sum(-1, keepdim=True).float()  # (N, V)
+        gain[:, special] = -math.inf
+        gain[torch.arange(len(r)), batch.input_ids[r, c]] = -math.inf
+        value, token = gain.max(-1)
+        best_gain[r, c], best_token[r, c] = value, token
+    k = min(swaps, batch.input_ids.shape[1])
+    top_gain, top_pos = best_gain.topk(k, dim=1)  # (B, k)
+    take = top_gain > 0
+    ids = batch.input_ids.clone()
+    b = torch.arange(len(batch), device=ids.device).unsqueeze(1).expand_as(top_pos)  # (B, k)
+    ids[b[take], top_pos[take]] = best_token[b[take], top_pos[take]]
+    return with_ids(batch, ids)
+
+
+def _losses_and_grads(model, params, batch, delta=None):
+    """Mean CE and its gradients w.r.t. params (and delta when it requires grad)."""
+    loss = model.loss(params, batch, input_perturbation=delta).mean()
+    inputs = list(params.values()) + ([delta] if delta is not None and delta.requires_grad else [])
+    grads = torch.autograd.grad(loss, inputs)
+    return loss.detach(), list(grads[:len(params)]), (grads[len(params)] if len(grads) > len(params) else None)
+
+
+def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+              generator: torch.Generator, clean_gradient: Tensor) -> Tensor:
+    """(B, T, D) K-step PGD delta in each example's ball (Madry et al. 2018), from a random start.
+
+    The first ascent direction is the clean input gradient (a free by-product of the clean pass, which
+    backpropagates to the input embeddings anyway), so K steps cost K-1 extra passes, not K.
+    """
+    embeds_shape = (*batch.input_ids.shape, model.embedding_dim)
+    radius = ball_radius(batch, config.epsilon, embedding_rms(model), model.embedding_dim, config.adv_norm)
+    delta = random_start(batch, embeds_shape, radius, config, generator, clean_gradient)
+    delta = ascent_step(delta, clean_gradient, radius, config.adv_step_size, config.adv_norm)
+    frozen = {k: v.detach() for k, v in params.items()}
+    for _ in range(config.adv_steps - 1):
+        delta.requires_grad_(True)
+        loss = model.loss(frozen, batch, input_perturbation=delta).mean()
+        (gradient,) = torch.autograd.grad(loss, [delta])
+        delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
+    return delta.detach()
+
+
+def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+                 generator: torch.Generator) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """FreeLB (Zhu et al. 2020): mean CE and params' gradients averaged over the K ascent steps, and the K deltas."""
+    like = model.backbone.get_input_embeddings().weight
+    radius = ball_radius(batch, config.epsilon, embedding_rms(model), model.embedding_dim, config.adv_norm)
+    delta = random_start(batch, (*batch.input_ids.shape, model.embedding_dim), radius, config, generator, like)
+    total, average, deltas = 0.0, [torch.zeros_like(p) for p in params.values()], []
+    for step in range(config.adv_steps):
+        deltas.append(delta)
+        loss, grads, gradient = _losses_and_grads(model, params, batch, delta.requires_grad_(True))
+        total = total + loss / config.adv_steps
+        average = [a + g / config.adv_steps for a, g in zip(average, grads)]
+        if step < config.adv_steps - 1:
+            delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
+    return total, average, [d.detach() for d in deltas]
+
+
+def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+               clean_gradient: Tensor) -> Tensor:
+    """(P, D) worst-case prompt offset in the rho-ball: SAM's e = rho g/|g| (Foret et al. 2021), K-step PGD."""
+    prompt = params["prompt"].detach()
+    radius = torch.tensor(config.rho * embedding_rms(model) * math.sqrt(prompt.numel()), device=prompt.device)
+    radius = radius.view(1, 1, 1)
+    offset = ascent_step(torch.zeros_like(prompt)[None], clean_gradient[None], radius, config.adv_step_size,
+                         config.adv_norm)  # (1, P, D)
+    frozen = {k: v.detach() for k, v in params.items()}
+    for _ in range(config.adv_steps - 1):
+        offset.requires_grad_(True)
+        loss = model.loss({**frozen, "prompt": prompt + offset[0]}, batch).mean()
+        (gradient,) = torch.autograd.grad(loss, [offset])
+        offset = ascent_step(offset.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
+    return offset[0].detach()
+
+
+def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,
+                  config: PerturbConfig, generator: torch.Generator) -> dict[str, float]:
+    """Accumulate d[CE(clean) + lam CE(perturbed)]/d(params) into params' .grad; return the losses to log."""
+    adversarial = method == "ptp-adv"
+    needs_input_gradient = adversarial and not config.adv_free and config.target in ("input", "text")
+    zero = None
+    if needs_input_gradient:  # a zero perturbation: the clean loss, with the input gradient for free
+        zero = torch.zeros((*batch.input_ids.shape, model.embedding_dim),
+                           dtype=model.backbone.get_input_embeddings().weight.dtype, device=model.device)
+        zero.requires_grad_(True)
+    clean, grads, input_gradient = _losses_and_grads(model, params, batch, zero)
+    names = list(params)
+    rms = embedding_rms(model)
+    if config.target == "input" and adversarial and config.adv_free:
+        perturbed, perturbed_grads, _ = freelb_input(model, params, batch, config, generator)
+    else:
+        inputs, perturbation, perturbed_params = batch, None, params
+        if config.target == "input":
+            shape = (*batch.input_ids.shape, model.embedding_dim)
+            table = model.backbone.get_input_embeddings().weight
+            perturbation = (pgd_input(model, params, batch, config, generator, input_gradient) if adversarial else
+                            random_noise(shape, config.sigma * rms, config.noise, generator, table))
+        elif config.target == "prompt":
+            offset = (sam_prompt(model, params, batch, config, grads[names.index("prompt")]) if adversarial else
+                      random_noise(tuple(params["prompt"].shape), config.sigma * rms, config.noise, generator,
+                                   params["prompt"]))
+            perturbed_params = {**params, "prompt": params["prompt"] + offset}
+        else:
+            inputs = (hotflip(model, batch, input_gradient, config.swaps) if adversarial else
+                      mask_text(model, batch, config.mask_rate, config.replacement, generator))
+        perturbed, perturbed_grads, _ = _losses_and_grads(model, perturbed_params, inputs, perturbation)
+    for p, g_clean, g_perturbed in zip(params.values(), grads, perturbed_grads):
+        g = g_clean + config.reg_weight * g_perturbed
+        p.grad = g if p.grad is None else p.grad + g
+    clean, perturbed = clean.item(), perturbed.item()
+    return {"loss": clean + config.reg_weight * perturbed, "clean_loss": clean, "perturbed_loss": perturbed}

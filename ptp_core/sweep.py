@@ -1,0 +1,184 @@
+"""Multi-seed sweeps: every method x seed, resumable, spread over torchrun ranks; the stability summary.
+
+    python -m ptp_core.sweep --methods pt,ptp-rn,ptp-adv --seeds 0,1,2,3,4 --out runs/ [training flags]
+    torchrun --nproc_per_node 2 -m ptp_core.sweep ...   # run i on rank i % world; gloo, works on CPU
+
+Runs land in OUT/<method>/seed<k>/; a run whose ptp.json says status "complete" is skipped, so the
+same command resumes an interrupted sweep. OUT/summary.csv and OUT/summary.md answer the PTP
+paper's question per method: test accuracy (mean, std, min, max over seeds), best validation
+accuracy, and the seed spread of the validation-accuracy curve over training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from ptp_core.checkpoint import META
+from ptp_core.train import TrainConfig, train
+
+SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
+                   "test_accuracy_max", "best_validation_accuracy_mean", "best_validation_accuracy_std",
+                   "validation_curve_seed_std_mean", "validation_curve_seed_std_final")
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / method / f"seed{seed}"
+
+
+def read_meta(path: Path) -> dict | None:
+    """A run's ptp.json, or None when the run is missing or was cut off before it was written."""
+    try:
+        return json.loads((path / META).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(path: Path) -> bool:
+    meta = read_meta(path)
+    return meta is not None and meta.get("status") == "complete"
+
+
+def run_sweep(base: TrainConfig, methods: list[str], seeds: list[int], out: str | Path, rank: int = 0,
+              world: int = 1) -> list[dict]:
+    """Train this rank's share of methods x seeds (run i on rank i % world); return what happened to each."""
+    done = []
+    for i, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
+        if i % world != rank:
+            continue
+        path = run_dir(Path(out), method, seed)
+        if is_complete(path):
+            done.append({"method": method, "seed": seed, "path": str(path), "status": "skipped"})
+            continue
+        try:  # overwrite: whatever is there is an unfinished run of this same cell
+            train(replace(base, method=method, seed=seed, out=str(path), overwrite=True))
+            status = "trained"
+        except ValueError as error:  # a diverged run is saved with its reason; the sweep goes on
+            if read_meta(path) is None:
+                raise
+            status = str(error)
+        done.append({"method": method, "seed": seed, "path": str(path), "status": status})
+    return done
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation across seeds (ddof=1); NaN for a single seed."""
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def validation_curve(meta: dict) -> dict[int, float]:
+    """{step: validation accuracy} from a run's log."""
+    return {row["step"]: row["validation_accuracy"] for row in meta.get("log", []) if "validation_accuracy" in row}
+
+
+def summarize(out: str | Path, methods: list[str], seeds: list[int]) -> list[dict]:
+    """One row per method over its complete runs (see SUMMARY_COLUMNS)."""
+    rows = []
+    for method in methods:
+        metas = [m for m in (read_meta(run_dir(Path(out), method, s)) for s in seeds)
+                 if m is not None and m.get("status") == "complete"]
+        row = {"method": method, "runs": len(metas)}
+        if metas:
+            test = [m["metrics"]["test_accuracy"] for m in metas]
+            valid = [m["metrics"]["best_validation_accuracy"] for m in metas]
+            curves = [validation_curve(m) for m in metas]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated by every seed
+            spread = [_std([c[s] for c in curves]) for s in steps]
+            row.update(test_accuracy_mean=statistics.fmean(test), test_accuracy_std=_std(test),
+                       test_accuracy_min=min(test), test_accuracy_max=max(test),
+                       best_validation_accuracy_mean=statistics.fmean(valid), best_validation_accuracy_std=_std(valid),
+                       validation_curve_seed_std_mean=statistics.fmean(spread) if spread else math.nan,
+                       validation_curve_seed_std_final=spread[-1] if spread else math.nan)
+        rows.append({k: row.get(k, math.nan) for k in SUMMARY_COLUMNS})
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The summary as a markdown table (accuracies in %, std over seeds with ddof=1)."""
+    def pct(value):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+    lines = ["| method | runs | test acc mean | std | min | max | best val acc mean | std | "
+             "val-curve seed std (mean over steps) | (final) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: str | Path, rows: list[dict]) -> tuple[Path, Path]:
+    """OUT/summary.csv and OUT/summary.md, each written to a temp file and renamed into place."""
+    out = Path(out)
+    paths = out / "summary.csv", out / "summary.md"
+    tmp = [p.with_name(f".{p.name}.tmp") for p in paths]
+    with open(tmp[0], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp[1].write_text(summary_markdown(rows))
+    for t, p in zip(tmp, paths):
+        t.replace(p)
+    return paths
+
+
+def _int_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import datetime
+    import os
+    import time
+
+    import torch
+
+    from ptp_core import cli
+    from ptp_core.train import METHODS, add_arguments, config_from_args
+
+    p = cli.parser("python -m ptp_core.sweep", "Train every method x seed; summarize accuracy and seed spread.")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["pt", "ptp-rn", "ptp-adv"],
+                   help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", required=True, help="runs go to OUT/<method>/seed<k>/")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods or not args.seeds:
+        raise ValueError(f"--methods {','.join(args.methods)} / --seeds: give methods from {', '.join(METHODS)} "
+                         "and at least one seed")
+    cli.quiet_transformers()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    args.device = cli.auto_device(args.device)
+    if args.device == "cuda" and world > 1:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    base = config_from_args(args, out=args.out)  # validates every flag before any run starts
+    if world > 1:  # a barrier only: each rank trains on its own; runs can take hours, hence the long timeout
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    started = time.time()
+    done = run_sweep(base, args.methods, args.seeds, args.out, rank, world)
+    for item in done:
+        print(f"rank {rank}: {item['method']} seed {item['seed']}: {item['status']} ({item['path']})", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        rows = summarize(args.out, args.methods, args.seeds)
+        csv_path, md_path = write_summary(args.out, rows)
+        print(summary_markdown(rows), end="")
+        print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return done
+
+
+if __name__ == "__main__":
+    from ptp_core.cli import run
+
+    run(main)

@@ -1,0 +1,27 @@
+"""The notebooks run top to bottom in fast mode (PTP_FAST=1 shrinks steps and grids)."""
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_three_notebooks_are_stored_without_outputs():
+    assert len(NOTEBOOKS) == 3
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("PTP_FAST", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    book = nbformat.read(path, as_version=4)
+    NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in book.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

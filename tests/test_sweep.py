@@ -1,0 +1,73 @@
+"""Sweep: resumes after an interruption, summary statistics match numpy, runs spread over torchrun ranks."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ptp_core.sweep import run_dir, run_sweep, summarize, write_summary
+from ptp_core.train import TrainConfig
+
+FLAGS = dict(head="classifier", steps=4, batch_size=16, prompt_length=3, eval_every=2, eval_examples=8,
+             snapshot_every=2, progress=False)
+
+
+def test_interrupted_sweep_resumes_and_summary_matches_numpy(tiny_dirs, toy_csv, tmp_path):
+    base = TrainConfig(model=tiny_dirs["bert"], task=toy_csv, **FLAGS)
+    methods, seeds = ["pt", "ptp-rn"], [0, 1, 2]
+    first = run_sweep(base, methods, seeds, tmp_path)
+    assert [d["status"] for d in first] == ["trained"] * 6
+    mtimes = {(m, s): (run_dir(tmp_path, m, s) / "ptp.json").stat().st_mtime_ns for m in methods for s in seeds}
+    # interrupt: one run deleted, one cut off before its ptp.json was written
+    for path in (run_dir(tmp_path, "ptp-rn", 1), run_dir(tmp_path, "pt", 2)):
+        for f in path.iterdir():
+            f.unlink()
+    (run_dir(tmp_path, "pt", 2) / "adapter_model.safetensors").write_bytes(b"partial")
+    second = run_sweep(base, methods, seeds, tmp_path)
+    trained = {(d["method"], d["seed"]) for d in second if d["status"] == "trained"}
+    assert trained == {("ptp-rn", 1), ("pt", 2)}
+    for key, mtime in mtimes.items():
+        if key not in trained:
+            assert (run_dir(tmp_path, *key) / "ptp.json").stat().st_mtime_ns == mtime
+
+    rows = summarize(tmp_path, methods, seeds)
+    write_summary(tmp_path, rows)
+    for row in rows:
+        metas = [json.loads((run_dir(tmp_path, row["method"], s) / "ptp.json").read_text()) for s in seeds]
+        test = np.array([m["metrics"]["test_accuracy"] for m in metas])
+        assert row["runs"] == 3 and row["test_accuracy_mean"] == pytest.approx(test.mean())
+        assert row["test_accuracy_std"] == pytest.approx(test.std(ddof=1))
+        assert (row["test_accuracy_min"], row["test_accuracy_max"]) == (test.min(), test.max())
+        curves = np.array([[r["validation_accuracy"] for r in m["log"] if "validation_accuracy" in r] for m in metas])
+        assert curves.shape == (3, 2)  # steps 2 and 4
+        assert row["validation_curve_seed_std_mean"] == pytest.approx(curves.std(axis=0, ddof=1).mean())
+        assert row["validation_curve_seed_std_final"] == pytest.approx(curves[:, -1].std(ddof=1))
+    with open(tmp_path / "summary.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == methods
+    assert "| ptp-rn | 3 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_torchrun_spreads_runs_over_two_ranks(tiny_dirs, toy_csv, tmp_path):
+    out = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ptp_core.sweep", "--methods", "pt,ptp-adv", "--seeds", "0,1", "--out", str(out),
+               "--model", tiny_dirs["bert"], "--task", toy_csv, "--head", "classifier", "--steps", "2",
+               "--eval-every", "2", "--eval-examples", "8", "--prompt-len", "3", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    assert sorted(lines) == sorted([f"rank 0: pt seed 0: trained ({out}/pt/seed0)",
+                                    f"rank 1: pt seed 1: trained ({out}/pt/seed1)",
+                                    f"rank 0: ptp-adv seed 0: trained ({out}/ptp-adv/seed0)",
+                                    f"rank 1: ptp-adv seed 1: trained ({out}/ptp-adv/seed1)"])
+    assert (out / "summary.csv").exists() and "| ptp-adv | 2 |" in (out / "summary.md").read_text()
+
+
+def test_sweep_bad_methods_get_one_line(tiny_dirs, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ptp_core.sweep", "--methods", "pt,sgd", "--out", str(tmp_path),
+                             "--model", tiny_dirs["bert"]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "--methods" in result.stderr

@@ -46,6 +46,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 100
     eval_examples: int | None = None  # validation subset for model selection (None: all of it)
+    test_examples: int | None = None  # test subset for the final accuracy (None: all of it)
     snapshot_every: int = 20  # trajectory snapshots for PCA directions
     max_length: int = 128
     label_words: list[str] | None = None
@@ -164,7 +165,7 @@ def train(config: TrainConfig) -> Path:
     final = best["params"]
     if best["accuracy"] < 0:  # stopped before the first evaluation: measure the initial prompt
         best["accuracy"] = evaluate(model, final, valid_batches)["accuracy"]
-    test = evaluate(model, final, encode_split(model, task.splits["test"]))
+    test = evaluate(model, final, encode_split(model, task.splits["test"].head(config.test_examples)))
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "overwrite", "cache_dir")}
     meta = {
         **settings, "head": config.head, "kind": backbone.kind, "model_path": backbone.path,
@@ -209,7 +210,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-examples", type=cli.positive(int), default=None)
+    p.add_argument("--eval-examples", type=cli.positive(int), default=None, help="validation subset (default all)")
+    p.add_argument("--test-examples", type=cli.positive(int), default=None, help="test subset (default all)")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--label-words", type=lambda s: s.split(","), default=None, help="comma-separated, one per label")

@@ -1,0 +1,195 @@
+"""Grid evaluation speed: ours vs. a per-point loop vs. the `loss-landscapes` package, in one run.
+
+Same model, examples, directions and grid for all three. Prints points/s, the ratios, and the
+model FLOP/s of each as a fraction of this machine's dense matmul throughput (measured here,
+same dtype).
+
+    python bench/grid.py --checkpoint /tmp/bench_ckpt --examples 32 --grid 7
+    python bench/grid.py --model minilm --examples 32 --grid 7     # untrained prompt from init_params
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape.directions import prompt_directions
+from landscape.grid import DTYPES, SurfaceSpec, auto_chunk, encode_examples, evaluate_points
+
+
+def matmul_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """Dense (size x size) @ (size x size) FLOP/s: the best of repeated timings."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_flops_per_point(model, batches, prompt_length: int) -> float:
+    """Forward FLOPs of one grid point over the examples, real tokens only (no padding).
+
+    Per layer and sequence of length L: 2 L (4 H^2 + 2 H I) for the projections and the MLP,
+    plus 4 L^2 H for attention scores and their weighted sum.
+    """
+    config = model.backbone.config
+    hidden = model.embedding_dim
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    total = 0.0
+    for batch in batches:
+        for length in (batch.attention_mask.sum(1) + prompt_length).tolist():
+            total += layers * (2 * length * (4 * hidden ** 2 + 2 * hidden * inner) + 4 * length ** 2 * hidden)
+    return total
+
+
+def per_point_loop(model, directions, batches, alphas, betas, dtype) -> np.ndarray:
+    """The reference scripts' way: set one prompt, evaluate batch by batch, next point."""
+    out = np.zeros((len(alphas), len(betas)))
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for i, a in enumerate(alphas):
+            for j, b in enumerate(betas):
+                params = dict(directions.center)
+                params["prompt"] = directions.center["prompt"] + float(a) * directions.d1["prompt"] \
+                    + float(b) * directions.d2["prompt"]  # (P, D)
+                total = sum(model.loss(params, batch).sum().item() for batch in batches)
+                out[i, j] = total / sum(len(batch) for batch in batches)
+    return out
+
+
+class PromptAsModule(nn.Module):
+    """The soft prompt as the only nn.Parameter, for loss-landscapes; the frozen model is not a submodule."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        self.prompt = nn.Parameter(params["prompt"].detach().clone())
+        self.held = {k: v for k, v in params.items() if k != "prompt"}
+        self.__dict__["frozen"] = model  # not registered: loss-landscapes must see the prompt only
+
+    def forward(self, batches):
+        return torch.cat([self.frozen.logits({**self.held, "prompt": self.prompt}, b).float() for b in batches])
+
+
+def loss_landscapes_plane(model, directions, batches, alphas, dtype) -> np.ndarray:
+    """loss_landscapes.planar_interpolation over the same square grid (it cannot do nx != ny)."""
+    import loss_landscapes
+    from loss_landscapes.metrics import Loss
+
+    steps, step, span = len(alphas), float(alphas[1] - alphas[0]), float(-alphas[0])
+    d1, d2 = directions.d1["prompt"], directions.d2["prompt"]
+    # it walks a zig-zag: even rows i at start + i*step*d1 + j*step*d2, j in [1, steps]; odd rows j in [0, steps)
+    origin = directions.center["prompt"] - span * d1 - (span + step) * d2
+    start, end_one, end_two = (PromptAsModule(model, {**directions.center, "prompt": prompt})
+                               for prompt in (origin, origin + steps * step * d1, origin + steps * step * d2))
+    labels = torch.cat([b.labels for b in batches])
+    metric = Loss(nn.functional.cross_entropy, batches, labels)
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return loss_landscapes.planar_interpolation(start, end_one, end_two, metric, steps=steps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (else --model with an init prompt)")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--examples", type=int, default=32)
+    p.add_argument("--grid", type=int, default=7, help="n: an n x n grid")
+    p.add_argument("--span", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward of the loop and loss-landscapes")
+    p.add_argument("--our-batch-size", type=int, default=SurfaceSpec.batch_size, help="ours: examples per forward")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best time of each counts")
+    p.add_argument("--chunk", type=int, default=None, help="our grid points per forward (default: automatic)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip", default="", help="comma-separated evaluators to skip: loop,loss-landscapes")
+    args = p.parse_args(argv)
+    from ptp_core.checkpoint import load_checkpoint
+    from ptp_core.data import load_task
+
+    dtype = DTYPES[args.dtype]
+    if args.checkpoint:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = checkpoint.build_model(args.device)
+        task = load_task(checkpoint.meta["task"], label_words=checkpoint.meta.get("label_words"))
+    else:
+        from ptp_core.backbones import load_backbone
+        from ptp_core.model import PromptModel
+
+        task = load_task("rotten_tomatoes")
+        backbone = load_backbone(args.model, "classifier", task.num_labels, args.device)
+        model = PromptModel(backbone, "classifier", task.num_labels)
+        model.params = model.init_params(20, "vocab", torch.Generator().manual_seed(0))
+    examples = task.splits["test"].head(args.examples)
+    spec = SurfaceSpec(directions="random", grid=f"{args.grid}x{args.grid}", span=args.span, examples=args.examples,
+                       batch_size=args.our_batch_size, dtype=args.dtype)
+    alphas, betas = spec.axes()
+    batches, order = encode_examples(model, examples, args.our_batch_size)
+    stored_batches = [model.encode(examples.texts[i:i + args.batch_size], examples.labels[i:i + args.batch_size])
+                      for i in range(0, len(examples), args.batch_size)]  # the loop's batches: stored order
+    directions = prompt_directions(model, model.params, batches, "random", "filter", 0)
+    points = alphas.size * betas.size
+    chunk = args.chunk or auto_chunk(model, batches, points)
+    grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32, device=model.device)
+    grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32, device=model.device)
+
+    def ours() -> np.ndarray:
+        out = [evaluate_points(model, batches, order, grid_a[s:s + chunk], grid_b[s:s + chunk], directions, dtype=dtype)[0]
+               for s in range(0, points, chunk)]
+        return np.concatenate(out).reshape(alphas.size, betas.size)
+
+    evaluators = {"ours": ours, "loop": lambda: per_point_loop(model, directions, stored_batches, alphas, betas, dtype),
+                  "loss-landscapes": lambda: loss_landscapes_plane(model, directions, stored_batches, alphas, dtype)}
+    skip = set(filter(None, args.skip.split(",")))
+    flops = model_flops_per_point(model, batches, model.params["prompt"].shape[-2])
+    ours()  # warm-up (allocator, kernels) so that no evaluator pays it
+    # Other processes may share the machine: interleave the evaluators and the matmul probe over
+    # rounds and keep each one's best, so that all see the same conditions.
+    best, surfaces, peak = {}, {}, 0.0
+    for _ in range(args.rounds):
+        peak = max(peak, matmul_flops(dtype, args.device))
+        for name, run in evaluators.items():
+            if name in skip:
+                continue
+            _sync(args.device)
+            start = time.perf_counter()
+            surfaces[name] = np.asarray(run(), np.float64)
+            _sync(args.device)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    results = {name: {"seconds": seconds, "points_per_s": points / seconds,
+                      "matmul_fraction": flops * points / seconds / peak} for name, seconds in best.items()}
+    reference = surfaces["ours"]
+    for name, surface in surfaces.items():
+        # loss-landscapes' zig-zag evaluates odd rows one beta-step lower: compare its even rows only
+        rows = slice(None, None, 2) if name == "loss-landscapes" else slice(None)
+        results[name]["max_abs_diff_vs_ours"] = float(np.max(np.abs(surface[rows] - reference[rows])))
+    print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()} {platform.processor() or platform.machine()} "
+          f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}")
+    print(f"# model={model.model_name} examples={len(examples)} grid={args.grid}x{args.grid} ({points} points) "
+          f"batch ours={args.our_batch_size} (length-sorted) others={args.batch_size} (stored order) chunk={chunk} prompt={model.params['prompt'].shape[-2]} "
+          f"matmul={peak / 1e9:.1f} GFLOP/s (best of {args.rounds}) rounds={args.rounds} model={flops / 1e9:.2f} GFLOP/point")
+    print("| evaluator | seconds | points/s | speed vs loop | FLOP/s / matmul | max |diff| vs ours |")
+    print("|---|---|---|---|---|---|")
+    loop = results.get("loop", {}).get("points_per_s")
+    for name, r in results.items():
+        ratio = f"{r['points_per_s'] / loop:.2f}x" if loop else "-"
+        print(f"| {name} | {r['seconds']:.1f} | {r['points_per_s']:.2f} | {ratio} | {r['matmul_fraction']:.0%} | "
+              f"{r['max_abs_diff_vs_ours']:.1e} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Directions: orthogonality, filter norms, parallel to the autograd gradient, seeded and bitwise repeatable."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landscape.directions import input_directions, normalize_direction, prompt_directions
+from landscape.grid import encode_examples
+from ptp_core.data import Split
+from conftest import toy_rows
+
+
+def _examples(n: int = 12, seed: int = 5) -> Split:
+    rows = toy_rows(n, seed)
+    return Split([r["text"] for r in rows], [int(r["label"] == "positive") for r in rows])
+
+
+def _flat(params: dict) -> torch.Tensor:
+    return torch.cat([v.double().reshape(-1) for v in params.values()])
+
+
+def _cos(a: dict, b: dict) -> float:
+    x, y = _flat(a), _flat(b)
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+@pytest.mark.parametrize("norm", ["filter", "layer", "none"])
+@pytest.mark.parametrize("params", ["prompt", "all"])
+def test_gradient_directions_orthogonal_normalized_and_parallel(tiny_bert_model, norm, params):
+    model = tiny_bert_model
+    batches, order = encode_examples(model, _examples(), batch_size=5)
+    names = list(model.params) if params == "all" else ["prompt"]
+    directions = prompt_directions(model, model.params, batches, "gradient", norm, seed=3, names=names)
+    d1, d2 = directions.d1, directions.d2
+    assert abs(_cos(d1, d2)) < 1e-6
+    # the gradient, computed independently on all examples in one batch
+    examples = _examples()
+    leaves = {k: model.params[k].detach().clone().requires_grad_(True) for k in names}
+    loss = model.loss({**model.params, **leaves}, model.encode(examples.texts, examples.labels)).mean()
+    gradient = dict(zip(names, torch.autograd.grad(loss, list(leaves.values()))))
+    for name in names:
+        reference, g, a, b = model.params[name].double(), gradient[name].double(), d1[name].double(), d2[name].double()
+        if norm == "filter":
+            rows = lambda t: t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)  # noqa: E731
+            torch.testing.assert_close(rows(a).norm(dim=1), rows(reference).norm(dim=1), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(rows(b).norm(dim=1), rows(reference).norm(dim=1), rtol=1e-5, atol=1e-7)
+            moving = rows(reference).norm(dim=1) > 0  # a zero row (e.g. a fresh bias) has a zero direction
+            cos = torch.nn.functional.cosine_similarity(rows(a), rows(g), dim=1)[moving]  # parallel to the gradient's row
+            torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-5)
+        elif norm == "layer":
+            torch.testing.assert_close(a.norm(), reference.norm(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(b.norm(), reference.norm(), rtol=1e-5, atol=0)
+    if norm == "none":
+        assert abs(_flat(d1).norm() - 1) < 1e-6 and abs(_flat(d2).norm() - 1) < 1e-6
+        assert _cos(d1, gradient) > 1 - 1e-5
+    elif norm == "layer":
+        assert all(_cos({k: d1[k]}, {k: gradient[k]}) > 1 - 1e-5 for k in names if model.params[k].norm() > 0)
+
+
+@pytest.mark.parametrize("kind", ["random", "gradient"])
+def test_same_seed_same_directions_bitwise(tiny_gpt2_model, kind):
+    model = tiny_gpt2_model
+    batches, _ = encode_examples(model, _examples(), batch_size=4)
+    first = prompt_directions(model, model.params, batches, kind, seed=7)
+    second = prompt_directions(model, model.params, batches, kind, seed=7)
+    other = prompt_directions(model, model.params, batches, kind, seed=8)
+    assert torch.equal(first.d1["prompt"], second.d1["prompt"]) and torch.equal(first.d2["prompt"], second.d2["prompt"])
+    assert not torch.equal(first.d2["prompt"], other.d2["prompt"])
+    assert abs(_cos(first.d1, first.d2)) < 1e-6
+    assert (first.kind, first.norm, first.seed) == (kind, "filter", 7)
+
+
+def test_normalize_filter_keeps_zero_rows_zero():
+    reference = {"prompt": torch.randn(3, 4)}
+    direction = {"prompt": torch.randn(3, 4)}
+    direction["prompt"][1] = 0
+    out = normalize_direction(direction, reference, "filter")["prompt"]
+    assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+
+
+def test_interp_and_pca_directions(tiny_bert_model):
+    model = tiny_bert_model
+    batches, _ = encode_examples(model, _examples(6), batch_size=6)
+    b = {k: v + 1.0 for k, v in model.params.items()}
+    c = {k: v - 0.5 for k, v in model.params.items()}
+    line = prompt_directions(model, model.params, batches, "interp", others=[b])
+    torch.testing.assert_close(line.at(torch.tensor([1.0]), torch.tensor([0.0]))["prompt"][0], b["prompt"])
+    assert torch.all(line.d2["prompt"] == 0)
+    plane = prompt_directions(model, model.params, batches, "interp", others=[b, c])
+    torch.testing.assert_close(plane.at(torch.tensor([0.0]), torch.tensor([1.0]))["prompt"][0], c["prompt"])
+    generator = torch.Generator().manual_seed(0)
+    prompts = model.params["prompt"] + torch.randn(9, *model.params["prompt"].shape, generator=generator)  # (S, P, D)
+    pca = prompt_directions(model, model.params, batches, "pca", norm="none", trajectory={"prompts": prompts})
+    assert abs(_cos(pca.d1, pca.d2)) < 1e-6 and len(pca.info["explained_variance"]) == 2
+    assert pca.info["explained_variance"][0] >= pca.info["explained_variance"][1]
+    with pytest.raises(ValueError, match="trajectory"):
+        prompt_directions(model, model.params, batches, "pca", trajectory=None)
+
+
+def test_input_directions_per_example(tiny_bert_model):
+    model = tiny_bert_model
+    batches, order = encode_examples(model, _examples(7), batch_size=3)
+    pairs = input_directions(model, model.params, batches, "filter", seed=1, order=order)
+    again = input_directions(model, model.params, batches, "filter", seed=1, order=order)
+    for (d1, d2), (e1, e2), batch in zip(pairs, again, batches):
+        assert torch.equal(d1, e1) and torch.equal(d2, e2)
+        embeddings = model.embed(batch).detach()
+        mask = batch.text_mask
+        assert torch.all(d1[~mask] == 0) and torch.all(d2[~mask] == 0)  # only text tokens move
+        torch.testing.assert_close(d1[mask].norm(dim=-1), embeddings[mask].norm(dim=-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d2[mask].norm(dim=-1), embeddings[mask].norm(dim=-1), rtol=1e-5, atol=1e-6)
+        dots = (d1.double() * d2.double()).sum(dim=(1, 2)) / (d1.double().flatten(1).norm(dim=1) * d2.double().flatten(1).norm(dim=1))
+        assert dots.abs().max() < 1e-6
+        delta = torch.zeros_like(embeddings, requires_grad=True)  # each token row parallel to its gradient row
+        gradient = torch.autograd.grad(model.loss(model.params, batch, input_perturbation=delta).sum(), delta)[0]
+        cos = torch.nn.functional.cosine_similarity(d1[mask], gradient[mask], dim=-1)
+        torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-5)
+
+
+def test_input_directions_do_not_depend_on_batching(tiny_bert_model):
+    model = tiny_bert_model
+    examples = _examples(7)
+    small, small_order = encode_examples(model, examples, batch_size=2)
+    large, large_order = encode_examples(model, examples, batch_size=7)
+    per_example = {}
+    for batches, order in ((small, small_order), (large, large_order)):
+        for (d1, d2), batch, rows in zip(input_directions(model, model.params, batches, "layer", 4, order), batches, order):
+            for r, index in enumerate(rows):
+                value = d2[r][batch.text_mask[r]]
+                if index in per_example:
+                    torch.testing.assert_close(value, per_example[index], rtol=1e-5, atol=1e-6)
+                per_example[index] = value

@@ -1,0 +1,200 @@
+"""Grid evaluation: batched == per-point references, exact centre, resume, torchrun sharding, bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import landscape.grid as grid
+from conftest import toy_rows
+from landscape.directions import input_directions, prompt_directions
+from landscape.grid import SurfaceSpec, compute_surface, encode_examples, grid_axis, surface_for_params
+from landscape.surface import load_surface
+from ptp_core.checkpoint import load_checkpoint, save_checkpoint
+from ptp_core.data import Split
+from ptp_core.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _examples(n: int = 10, seed: int = 3) -> Split:
+    rows = toy_rows(n, seed)
+    return Split([r["text"] for r in rows], [int(r["label"] == "positive") for r in rows])
+
+
+def _spec(**kw) -> SurfaceSpec:
+    return SurfaceSpec(**{"grid": "5x7", "span": 0.5, "examples": 10, "batch_size": 4, **kw})
+
+
+def _checkpoint(tmp_path: Path, model_dir: str, task: str, name: str = "ckpt", prompt_length: int = 4, seed: int = 0,
+                trajectory: bool = True) -> Path:
+    from conftest import build_model
+
+    model = build_model(model_dir, "classifier", seed=seed, prompt_length=prompt_length)
+    meta = {"model": model_dir, "head": "classifier", "label_words": ["negative", "positive"], "num_labels": 2,
+            "label_names": ["negative", "positive"], "task": task, "template": "{text}", "method": "pt", "seed": seed}
+    prompts = model.params["prompt"] + 0.1 * torch.randn(5, *model.params["prompt"].shape)  # (S, P, D)
+    return save_checkpoint(tmp_path / name, model.params, meta,
+                           {"prompts": prompts, "steps": torch.arange(5)} if trajectory else None)
+
+
+def test_grid_axis_contains_exact_zero():
+    for count in (1, 5, 21, 51, 4):
+        axis = grid_axis(count, 0.7)
+        assert np.any(axis == 0.0) and np.all(np.diff(axis) > 0)
+        assert count == 1 or (axis.min() == -0.7 and axis.max() == 0.7)
+    assert grid_axis(4, 1.0).size == 5
+    assert SurfaceSpec(grid="21").shape == (21, 1) and SurfaceSpec(grid="21x31").shape == (21, 31)
+
+
+@pytest.mark.parametrize("fixture,params", [("tiny_gpt2_model", "prompt"), ("tiny_bert_model", "all")])
+def test_every_point_equals_a_direct_evaluation(request, fixture, params):
+    """5x7 grid: each value == evaluate() of the prompt at (alphas[i], betas[j]); centre == plain loss."""
+    model = request.getfixturevalue(fixture)
+    examples = _examples()
+    spec = _spec(params=params, chunk=6)
+    surface = surface_for_params(model, model.params, examples, spec, progress=False)
+    assert surface.is_complete and surface.loss.shape == (5, 7)
+    batches, _ = encode_examples(model, examples, spec.batch_size)
+    names = list(model.params) if params == "all" else ["prompt"]
+    directions = prompt_directions(model, model.params, batches, "gradient", "filter", 0, names)
+    np.testing.assert_array_equal(surface.direction_1, directions.d1["prompt"].numpy())
+    plain = model.encode(examples.texts, examples.labels)
+    for i, a in enumerate(surface.alphas):
+        for j, b in enumerate(surface.betas):
+            point = {k: v[0] for k, v in directions.at(torch.tensor([a]), torch.tensor([b])).items() if k in names}
+            result = evaluate(model, {**model.params, **point}, [plain])
+            assert abs(surface.loss[i, j] - result["loss"]) < 1e-5
+            assert surface.accuracy[i, j] == pytest.approx(result["accuracy"])
+    center = evaluate(model, model.params, [plain])
+    assert abs(surface.center_loss - center["loss"]) < 1e-6 and surface.center_accuracy == center["accuracy"]
+
+
+@pytest.mark.parametrize("space", ["prompt", "input"])
+def test_batched_equals_per_point_loop(tiny_bert_model, space):
+    model = tiny_bert_model
+    batched = surface_for_params(model, model.params, _examples(), _spec(space=space), progress=False)
+    loop = surface_for_params(model, model.params, _examples(), _spec(space=space, chunk=1), progress=False)
+    np.testing.assert_allclose(batched.loss, loop.loss, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batched.accuracy, loop.accuracy, rtol=0, atol=1e-12)
+
+
+def test_input_space_points_equal_direct_perturbation(tiny_gpt2_model):
+    model = tiny_gpt2_model
+    examples = _examples(6)
+    spec = _spec(space="input", grid="3x3", batch_size=6, seed=2)
+    surface = surface_for_params(model, model.params, examples, spec, progress=False)
+    assert surface.direction_1 is None and surface.spec["space"] == "input"
+    batches, order = encode_examples(model, examples, 6)
+    (d1, d2), = input_directions(model, model.params, batches, "filter", 2, order)
+    with torch.no_grad():
+        clean = model.loss(model.params, model.encode(examples.texts, examples.labels)).mean()
+        assert abs(surface.center_loss - float(clean)) < 1e-6
+        a, b = surface.alphas[0], surface.betas[2]
+        moved = model.loss(model.params, batches[0], input_perturbation=float(a) * d1 + float(b) * d2).mean()
+    assert abs(surface.loss[0, 2] - float(moved)) < 1e-5
+
+
+def test_interrupted_run_resumes_bitwise_and_skips_finished_points(tiny_bert_model, tmp_path, monkeypatch):
+    model = tiny_bert_model
+    spec = _spec(chunk=4)
+    reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "full", progress=False)
+    real, calls = grid._evaluate_chunk, []
+
+    def interrupted(evaluate, alphas, betas):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(len(alphas))
+        return real(evaluate, alphas, betas)
+
+    monkeypatch.setattr(grid, "_evaluate_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        surface_for_params(model, model.params, _examples(), spec, tmp_path / "part", progress=False, save_every=0)
+    partial = load_surface(tmp_path / "part")
+    assert partial.points_done == sum(calls) == 12 and not partial.is_complete
+
+    def counting(evaluate, alphas, betas):
+        calls.append(len(alphas))
+        return real(evaluate, alphas, betas)
+
+    calls.clear()
+    monkeypatch.setattr(grid, "_evaluate_chunk", counting)
+    resumed = surface_for_params(model, model.params, _examples(), spec, tmp_path / "part", progress=False)
+    assert sum(calls) == 35 - 12  # no finished point is recomputed
+    for key in ("loss", "accuracy", "direction_1", "direction_2", "alphas", "betas"):
+        np.testing.assert_array_equal(getattr(resumed, key), getattr(reference, key))
+        np.testing.assert_array_equal(getattr(load_surface(tmp_path / "part"), key), getattr(reference, key))
+    calls.clear()
+    again = surface_for_params(model, model.params, _examples(), spec, tmp_path / "part", progress=False)
+    assert calls == [] and again.points_done == 35
+
+
+def test_changed_spec_is_refused_unless_overwrite(tiny_bert_model, tmp_path):
+    model = tiny_bert_model
+    surface_for_params(model, model.params, _examples(), _spec(grid="3x3"), tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match="overwrite"):
+        surface_for_params(model, model.params, _examples(), _spec(grid="3x3", seed=1), tmp_path / "s", progress=False)
+    surface = surface_for_params(model, model.params, _examples(), _spec(grid="3x3", seed=1), tmp_path / "s",
+                                 progress=False, overwrite=True)
+    assert load_surface(tmp_path / "s").spec["seed"] == 1 and surface.is_complete
+
+
+@pytest.mark.parametrize("bad", [dict(grid="0"), dict(grid="21x"), dict(grid="abc"), dict(grid="3x0"), dict(span=0),
+                                 dict(span=-1.0), dict(examples=0), dict(norm="l2"), dict(space="input", directions="pca")])
+def test_bad_spec_raises_one_clear_line(bad):
+    with pytest.raises(ValueError) as error:
+        SurfaceSpec(**bad)
+    assert "\n" not in str(error.value) and any(w in str(error.value) for w in ("e.g.", "use", "drop", "write"))
+
+
+def test_bad_checkpoint_combinations(tiny_dirs, toy_csv, tmp_path):
+    a = load_checkpoint(_checkpoint(tmp_path, tiny_dirs["bert"], toy_csv, "a", trajectory=False))
+    short = load_checkpoint(_checkpoint(tmp_path, tiny_dirs["bert"], toy_csv, "short", prompt_length=3))
+    other = load_checkpoint(_checkpoint(tmp_path, tiny_dirs["llama"], toy_csv, "llama"))
+    for pair in ([a, short], [a, other]):
+        with pytest.raises(ValueError, match="different models or prompt shapes"):
+            compute_surface(pair, SurfaceSpec(directions="interp", grid="5", examples=4), progress=False)
+    with pytest.raises(ValueError, match="trajectory"):
+        compute_surface(a, SurfaceSpec(directions="pca", examples=4), progress=False)
+    with pytest.raises(ValueError, match="line"):
+        compute_surface([a, short], SurfaceSpec(directions="interp", grid="5x5", examples=4), progress=False)
+
+
+def test_cli_bad_input_one_line_exit_2(tiny_dirs, toy_csv, tmp_path):
+    checkpoint = _checkpoint(tmp_path, tiny_dirs["bert"], toy_csv)
+    result = subprocess.run([sys.executable, "-m", "landscape.grid", str(checkpoint), "--out", str(tmp_path / "s"),
+                             "--grid", "0"], capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "s.npz").exists()
+
+
+def _env(threads: int = 1) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_torchrun_two_processes_equal_one(tiny_dirs, toy_csv, tmp_path):
+    checkpoint = _checkpoint(tmp_path, tiny_dirs["bert"], toy_csv)
+    flags = ["--grid", "5x5", "--span", "0.5", "--examples", "8", "--batch-size", "4", "--chunk", "3", "--no-progress",
+             "--device", "cpu"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    runs = {"one": [sys.executable, "-m", "landscape.grid"],
+            "two": [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "landscape.grid"]}
+    for name, command in runs.items():
+        result = subprocess.run(command + [str(checkpoint), "--out", str(tmp_path / name)] + flags,
+                                capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = load_surface(tmp_path / "one"), load_surface(tmp_path / "two")
+    assert one.is_complete and two.is_complete
+    for key in ("loss", "accuracy", "direction_1", "direction_2"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(two, key))
+    from ptp_core.data import load_task
+
+    ckpt = load_checkpoint(checkpoint)
+    center = evaluate(ckpt.build_model(), ckpt.params, load_task(toy_csv).splits["test"].head(8))
+    assert abs(one.center_loss - center["loss"]) < 1e-6

@@ -13,7 +13,7 @@ from datetime import date
 from pathlib import Path
 
 from landscape import render
-from landscape.surface import Surface, load_surface
+from landscape.surface import Surface, load_surface, save_surface
 
 FIGURES = ("landscape_3d", "contour", "profiles", "difference")
 
@@ -84,7 +84,9 @@ def draw(surfaces: list[Surface], rows: list[dict], config: PlotConfig, metadata
             limits = dict(zmin=config.zmin, zmax=config.zmax, cmap=config.cmap)
             figures["landscape_3d"] = render.landscape_3d(first, {m: sharpness.get(m) for m in first}, **style,
                                                           **limits)
-            figures["contour"] = render.contour(first, **style, **limits)
+            paths = {m: s.spec["trajectory"] for m, s in first.items() if s.spec.get("trajectory")}
+            figures["contour"] = render.contour(first, paths or None, **style, **limits)
+            trajectories.update({f"{m} ({space})": p for m, p in paths.items()})
         pair = [s for g in groups.values() for s in g]
         if len(pair) == 2 and min(pair[0].shape) > 1 and _shared_directions(*pair):
             names = [s.spec.get("method") or "a" for s in pair]
@@ -121,6 +123,17 @@ def _brief(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("cost", "settings", "flat_radius")}
 
 
+def project_trajectory(surface: Surface, prompts, center) -> list[list[float]]:
+    """Training snapshots (S, P, D) around the trained prompt center (P, D) as (alpha, beta) in the
+    surface's plane: least squares on d1, d2."""
+    import numpy as np
+
+    basis = np.stack([surface.direction_1.ravel(), surface.direction_2.ravel()], axis=1)  # (P*D, 2)
+    offsets = (prompts - center).reshape(len(prompts), -1).T  # (P*D, S)
+    coords, *_ = np.linalg.lstsq(basis, offsets, rcond=None)  # (2, S)
+    return coords.T.round(6).tolist()
+
+
 def compute(checkpoints: list[Path], spec_args: dict, metrics_config, config: PlotConfig, device: str,
             cache_dir: Path | None, overwrite: bool, progress: bool) -> tuple[list[Surface], list[dict]]:
     """Surfaces (one per checkpoint and space, cached under OUT/surfaces/) and metrics rows."""
@@ -150,8 +163,13 @@ def compute(checkpoints: list[Path], spec_args: dict, metrics_config, config: Pl
             spec = SurfaceSpec(**{**spec_args, "space": space,
                                   "directions": "gradient" if space == "input" else spec_args["directions"]})
             path = config.out / "surfaces" / f"{label(meta, ckpt.path)}-{space}"
-            by_space[space] = compute_surface(group, spec, path, model=model, examples=examples, overwrite=overwrite,
-                                              progress=progress)
+            surface = compute_surface(group, spec, path, model=model, examples=examples, overwrite=overwrite,
+                                      progress=progress)
+            if spec.directions in ("pca", "interp") and ckpt.trajectory is not None and space == "prompt":
+                surface.spec["trajectory"] = project_trajectory(surface, ckpt.trajectory["prompts"].numpy(),
+                                                               ckpt.params["prompt"].numpy())
+                save_surface(surface, path)  # re-rendering from --surface draws the path too
+            by_space[space] = surface
         surfaces += by_space.values()
         params = {k: v.to(model.device) for k, v in ckpt.params.items()}
         rows.append(measure(model, params, examples, by_space.get("prompt"), metrics_config, str(ckpt.path),

@@ -16,7 +16,8 @@ def two_runs(tiny_dirs, toy_csv, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for seed in (0, 1):
         train(TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", out=str(root / f"pt/seed{seed}"),
-                          steps=6, batch_size=16, prompt_length=3, eval_every=3, progress=False, seed=seed))
+                          steps=6, batch_size=16, prompt_length=3, eval_every=3, snapshot_every=2, progress=False,
+                          seed=seed))
     return root
 
 
@@ -61,3 +62,17 @@ def test_plot_bad_input(two_runs, tmp_path):
     (tmp_path / "broken.json").write_text("{}")
     _plot("--surface", broken, "--out", tmp_path / "o2", expect=2)
     assert not (tmp_path / "o2").exists()
+
+
+def test_pca_contour_shows_the_projected_trajectory(two_runs, tmp_path):
+    import json
+
+    import numpy as np
+
+    out = tmp_path / "pca"
+    _plot(two_runs / "pt" / "seed0", "--out", out, "--grid", "5", "--examples", "8", "--directions", "pca",
+          "--metrics", "surface", "--no-progress")
+    spec = json.loads(next((out / "surfaces").glob("*-prompt.json")).read_text())
+    path = np.array(spec["trajectory"])
+    assert path.shape[1] == 2 and len(path) >= 2
+    assert (out / "contour.png").is_file()

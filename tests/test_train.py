@@ -116,3 +116,21 @@ def test_minilm_learns_rotten_tomatoes(tmp_path):
     out = train(TrainConfig(model="minilm", task="rotten_tomatoes", out=str(tmp_path / "m"), steps=100,
                             eval_every=50, eval_examples=256, test_examples=512, max_length=64, progress=False))
     assert load_checkpoint(out).meta["metrics"]["test_accuracy"] > 0.65  # majority class is 0.59
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, toy_csv, tmp_path, monkeypatch):
+    import ptp_core.train as trainer
+
+    real = trainer.step_gradients
+    calls = {"n": 0}
+
+    def diverging(model, params, batch, config, generator):
+        calls["n"] += 1
+        return real(model, params, batch, config, generator) if calls["n"] < 12 else {"loss": float("nan")}
+
+    monkeypatch.setattr(trainer, "step_gradients", diverging)
+    with pytest.raises(ValueError, match="non-finite loss at step 12"):
+        train(_config(tiny_dirs, toy_csv, tmp_path / "nan"))
+    ckpt = load_checkpoint(tmp_path / "nan")
+    assert ckpt.meta["status"].startswith("stopped") and ckpt.meta["metrics"]["best_step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt.params.values())

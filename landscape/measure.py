@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor
 
-from landscape import hessian
+from landscape import hessian, sharpness
 from landscape.metrics import metrics_row, surface_metrics
 from landscape.surface import Surface
 from ptp_core.data import Split
@@ -87,14 +86,14 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Spli
     if "trace" in config.which:
         out["trace"] = hessian.hutchpp(loss_fn, trainable, config.trace_hvps, config.seed)
     if "sharpness" in config.which:
-        out["worst_case"] = hessian.worst_case_sharpness(loss_fn, trainable, config.rho * float(flat.norm()),
+        out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, trainable, config.rho * float(flat.norm()),
                                                          config.ascent_steps, seed=config.seed)
         rms = float(flat.pow(2).mean().sqrt())
-        out["average"] = hessian.average_sharpness(loss_fn, trainable, config.sigma * rms, config.samples, config.seed)
+        out["average"] = sharpness.average_sharpness(loss_fn, trainable, config.sigma * rms, config.samples, config.seed)
     if "input" in config.which:
-        loss_input, embeddings, mask = hessian.input_space_closure(model, params, batch)
-        out["input_worst_case"] = hessian.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps,
+        loss_input, embeddings, mask = sharpness.input_space_closure(model, params, batch)
+        out["input_worst_case"] = sharpness.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps,
                                                                      config.ascent_steps, seed=config.seed)
-        out["input_average"] = hessian.input_average_sharpness(loss_input, embeddings, mask, config.input_eps,
+        out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.input_eps,
                                                                config.samples, config.seed)
     return out

@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.hessian import (
+from landscape.hessian import flatten_params, hessian_trace_hutchinson, hutchpp, hvp, top_eigenvalues, unflatten_params
+from landscape.sharpness import (
     average_sharpness,
-    flatten_params,
-    hessian_trace_hutchinson,
-    hutchpp,
-    hvp,
     input_average_sharpness,
     input_space_closure,
     input_worst_case_sharpness,
     linear_path,
     loss_barrier,
-    top_eigenvalues,
-    unflatten_params,
     worst_case_sharpness,
 )
 

@@ -1,5 +1,4 @@
 """The notebooks run top to bottom in fast mode (PTP_FAST=1 shrinks steps and grids)."""
-import os
 from pathlib import Path
 
 import nbformat

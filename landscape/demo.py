@@ -1,6 +1,6 @@
 """`make demo`: train PT, PTP-RN and PTP-ADV on the embedded default and compare their landscapes.
 
-    python -m landscape.demo --mode quick   # minilm + rotten_tomatoes, 1 seed, 9x9 grids: < 10 min on 2 CPU cores
+    python -m landscape.demo --mode quick   # minilm + rotten_tomatoes, 1 seed, 7x7 grids: < 10 min on 2 CPU cores
     python -m landscape.demo --mode full    # 5 seeds, + smollm2 with the verbalizer head, 31x31 grids
 
 Runs go to runs/demo[-full]/, figures and tables to figures/demo[-full]/. Finished runs and
@@ -22,6 +22,7 @@ class DemoSetting:
     steps: int  # training steps per run
     batch_size: int
     eval_examples: int  # validation examples for model selection
+    test_examples: int | None  # test examples for the reported accuracy (None: all 1275)
     grid: str  # landscape grid per axis
     examples: int  # evaluation examples per grid point
     metric_examples: int  # examples for the Hessian / sharpness estimators
@@ -29,9 +30,11 @@ class DemoSetting:
 
 
 # quick: sized so that 3 trainings + 6 surfaces + metrics finish in under 10 minutes on a 2-core CPU
-QUICK = [DemoSetting("minilm", (0,), 150, 32, 256, "9", 32, 16, "surface,hessian,sharpness,input")]
-FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, "31", 256, 32, "surface,hessian,trace,sharpness,input"),
-        DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 8, 256, "31", 256, 16, "surface,hessian,trace,sharpness,input")]
+QUICK = [DemoSetting("minilm", (0,), 120, 32, 200, 512, "7", 32, 16, "surface,hessian,sharpness,input")]
+FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 32,
+                    "surface,hessian,trace,sharpness,input"),
+        DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 8, 256, None, "31", 256, 16,
+                    "surface,hessian,trace,sharpness,input")]
 
 
 def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", progress: bool = True) -> Path:
@@ -53,6 +56,7 @@ def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", p
         started = time.time()
         base = TrainConfig(model=setting.model, steps=setting.steps, batch_size=setting.batch_size,
                            eval_every=max(1, setting.steps // 3), eval_examples=setting.eval_examples,
+                           test_examples=setting.test_examples,
                            device=device, progress=progress)
         run_sweep(base, METHODS, list(setting.seeds), runs)
         rows = summarize(runs, METHODS, list(setting.seeds))

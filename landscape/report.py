@@ -153,17 +153,25 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
     if any(min(s.shape) < 2 for s in surfaces.values()):
         raise ValueError("a 1D surface (grid of one row) has no 3D or contour view; compute a 2D grid "
                          "(--grid 21 rather than --grid 21x1) for the report")
-    finite = np.concatenate([s.loss[np.isfinite(s.loss)] for s in surfaces.values()])
-    if finite.size == 0 and (zmin is None or zmax is None):
-        raise ValueError("the surfaces have no computed point; compute the grid before writing a report")
-    zrange = (float(finite.min()) if zmin is None else zmin, float(finite.max()) if zmax is None else zmax)
+    spaces: dict[str, dict[str, Surface]] = {}  # prompt and input losses differ in scale: one z-range each
+    for name, surface in surfaces.items():
+        spaces.setdefault(surface.spec.get("space") or "prompt", {})[name] = surface
 
     def embed(fig: go.Figure, div_id: str) -> str:
         return plotly.io.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
                                  config={"displaylogo": False, "responsive": True})
 
-    surface_div = embed(surface_figure(surfaces, zrange, cmap), "surfaces")
-    contour_div = embed(contour_figure(surfaces, zrange, cmap, trajectories), "contours")
+    surface_divs, contour_divs = [], []
+    for index, (space, group) in enumerate(spaces.items()):
+        finite = np.concatenate([s.loss[np.isfinite(s.loss)] for s in group.values()])
+        if finite.size == 0 and (zmin is None or zmax is None):
+            raise ValueError("the surfaces have no computed point; compute the grid before writing a report")
+        zrange = (float(finite.min()) if zmin is None else zmin, float(finite.max()) if zmax is None else zmax)
+        suffix = "" if index == 0 else f"-{space}"
+        heading = f"<h3>{html.escape(space)} space</h3>" if len(spaces) > 1 else ""
+        surface_divs.append(heading + embed(surface_figure(group, zrange, cmap), f"surfaces{suffix}"))
+        contour_divs.append(heading + embed(contour_figure(group, zrange, cmap, trajectories), f"contours{suffix}"))
+    surface_div, contour_div = "".join(surface_divs), "".join(contour_divs)
     table_sections = "".join(f"<h3>{html.escape(caption)}</h3>{table_html(table)}"
                              for caption, table in (tables or {}).items())
     meta_rows = [{"key": key, "value": value if isinstance(value, (str, int, float, list, tuple))

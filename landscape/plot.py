@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from landscape.stats import write_tables
 
     written = list(write_tables(rows, config.out).values()) if rows else []
-    written += draw(surfaces, rows, config, _metadata(surfaces, args))
+    written += draw(surfaces, rows, config, _metadata(surfaces))
     print(_summary(rows))
     print(f"wrote {len(written)} files to {config.out} in {time.time() - started:.0f} s")
     return written
@@ -256,7 +256,7 @@ def _surface_rows(surfaces: list[Surface]) -> list[dict]:
     return rows
 
 
-def _metadata(surfaces: list[Surface], args) -> dict:
+def _metadata(surfaces: list[Surface]) -> dict:
     spec = surfaces[0].spec if surfaces else {}
     return {"model": spec.get("model"), "task": spec.get("task"), "directions": spec.get("directions"),
             "normalization": spec.get("normalization"), "seed": spec.get("seed"), "split": spec.get("split"),

@@ -30,8 +30,8 @@ from landscape.surface import IDENTITY_KEYS, Surface, load_surface, save_surface
 from ptp_core.checkpoint import Checkpoint
 from ptp_core.data import SPLITS, Split
 from ptp_core.model import Batch, PromptModel
+from ptp_core.train import DTYPES  # one name -> dtype table for training and evaluation
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_TOKENS_PER_FORWARD = 1 << 15  # CPU FLOP/s stops growing well below this (bench/grid.py); bounds a chunk's time
 CPU_MEMORY_FRACTION = 0.25  # of available RAM for activations: other processes share the machine
 CUDA_MEMORY_FRACTION = 0.6  # of free GPU memory; an out-of-memory error still halves and retries

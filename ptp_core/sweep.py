@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         csv_path, md_path = write_summary(args.out, rows)
         print(summary_markdown(rows), end="")
         print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    cli.end_distributed()
     return done
 
 

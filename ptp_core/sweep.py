@@ -44,9 +44,12 @@ def is_complete(path: Path) -> bool:
 
 def run_sweep(base: TrainConfig, methods: list[str], seeds: list[int], out: str | Path, rank: int = 0,
               world: int = 1) -> list[dict]:
-    """Train this rank's share of methods x seeds (run i on rank i % world); return what happened to each."""
+    """Train this rank's share of seeds x methods (run i on rank i % world); return what happened to each.
+
+    Seed-major order: a sweep stopped early holds every method for the seeds it finished.
+    """
     done = []
-    for i, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
+    for i, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
         if i % world != rank:
             continue
         path = run_dir(Path(out), method, seed)

@@ -63,8 +63,8 @@ def test_torchrun_spreads_runs_over_two_ranks(tiny_dirs, toy_csv, tmp_path):
     # the two ranks share one pipe, so their lines can interleave: find the records, not the lines
     lines = re.findall(r"rank \d: [\w-]+ seed \d: trained \([^)]*\)", result.stdout)
     assert sorted(lines) == sorted([f"rank 0: pt seed 0: trained ({out}/pt/seed0)",
-                                    f"rank 1: pt seed 1: trained ({out}/pt/seed1)",
-                                    f"rank 0: ptp-adv seed 0: trained ({out}/ptp-adv/seed0)",
+                                    f"rank 0: pt seed 1: trained ({out}/pt/seed1)",
+                                    f"rank 1: ptp-adv seed 0: trained ({out}/ptp-adv/seed0)",
                                     f"rank 1: ptp-adv seed 1: trained ({out}/ptp-adv/seed1)"])
     assert (out / "summary.csv").exists() and "| ptp-adv | 2 |" in (out / "summary.md").read_text()
 

@@ -43,6 +43,15 @@ def test_verbalizer_training_on_causal_lm(tiny_dirs, toy_csv, tmp_path):
     assert load_checkpoint(out).meta["head"] == "verbalizer"
 
 
+def test_default_prompt_lr_follows_the_head():
+    from ptp_core.train import PROMPT_LR
+
+    assert TrainConfig(model="smollm2").lr == PROMPT_LR["verbalizer"] == 3e-3  # resolved head: verbalizer
+    assert TrainConfig(model="minilm").lr == PROMPT_LR["classifier"] == 3e-2
+    assert TrainConfig(model="minilm", head="verbalizer").lr == 3e-3
+    assert TrainConfig(model="smollm2", lr=0.1).lr == 0.1  # an explicit value wins
+
+
 def _cli(*args, expect=0):
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == expect, result.stderr[-2000:]

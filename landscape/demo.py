@@ -33,7 +33,7 @@ class DemoSetting:
 QUICK = [DemoSetting("minilm", (0,), 120, 32, 200, 512, "7", 32, 16, "surface,hessian,sharpness,input")]
 FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 32,
                     "surface,hessian,trace,sharpness,input"),
-        DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 8, 256, None, "31", 256, 16,
+        DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 16, 256, None, "31", 256, 16,
                     "surface,hessian,trace,sharpness,input")]
 
 

@@ -368,13 +368,11 @@ def main(argv: list[str] | None = None) -> Surface:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         checkpoints = [load_checkpoint(c) for c in args.checkpoints]
-        surface = compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
-                                  overwrite=args.overwrite, progress=args.progress)
-    except BaseException:
-        cli.end_distributed(succeeded=False)
-        raise
-    cli.end_distributed()
-    return surface
+        return compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
+                               overwrite=args.overwrite, progress=args.progress)
+    finally:
+        cli.end_distributed()
+
 
 if __name__ == "__main__":
     from ptp_core.cli import run

@@ -1,7 +1,9 @@
 """Frozen backbones: the embedded `minilm` and `smollm2` aliases, any HF model id or local folder.
 
-A backbone is an HF model in eval mode with every parameter frozen, its tokenizer, and the
-kind of model it is ("masked", "causal"); PromptModel puts the trainable head on top.
+A backbone is an HF task model in eval mode with every parameter frozen (ForSequenceClassification,
+ForMaskedLM, ForCausalLM or ForConditionalGeneration), its tokenizer, and the kind of model it is
+("masked": encoders, "causal": decoders, "seq2seq": encoder-decoders). PromptModel runs that model's own
+head; it never re-implements one.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ DEFAULT_HEAD = {"minilm": "classifier", "smollm2": "verbalizer"}
 HEADS = ("classifier", "verbalizer")
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt_neox",
                 "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj")
+KINDS = ("masked", "causal", "seq2seq")
 
 
 @dataclass
 class Backbone:
     model: nn.Module  # HF model (ForSequenceClassification, ForMaskedLM or ForCausalLM), frozen, eval mode
     tokenizer: object
-    kind: str  # "masked" or "causal": where the verbalizer reads and how label words are tokenized
+    kind: str  # "masked", "causal" or "seq2seq": where the verbalizer reads and how label words are tokenized
     name: str  # what the user asked for: alias, HF id or folder
     path: str  # the local folder actually loaded
 
@@ -76,7 +79,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def resolve(name: str, cache_dir: Path | None = None) -> Path | str:
-    """Alias -> local folder (converting SmolLM2 once); folders stay folders; other names are HF ids."""
+    """Alias -> local folder (converting SmolLM2 once); folders stay folders; every other name is a hub id,
+    legacy ids without a slash (roberta-base, gpt2, t5-small) included."""
     if name in EMBEDDED:
         path = _embedded_path(name)
         if path.suffix == ".gguf":
@@ -86,29 +90,70 @@ def resolve(name: str, cache_dir: Path | None = None) -> Path | str:
         if not (Path(name) / "config.json").exists():
             raise ValueError(f"model folder {name} has no config.json; give an HF model folder")
         return Path(name)
-    if "/" not in name:
-        raise ValueError(f"unknown model {name!r}; use {', '.join(EMBEDDED)}, an HF model id or a model folder")
     return name
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _load_error(name: str, error: Exception) -> ValueError:
+    """One line for a model that cannot be loaded; a hub id that is not cached while offline says how to mend it."""
+    if not Path(name).exists() and name not in EMBEDDED and _offline():
+        return ValueError(f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
+                          f"offline (HF_HUB_OFFLINE=1): give a local model folder, or run once online to cache it")
+    return ValueError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0]}")
+
+
 def _kind(config) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in architectures or "LMHead" in architectures or config.model_type in CAUSAL_TYPES:
         return "causal"
     return "masked"
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """How many tokens (virtual ones included) the model can place; None for relative positions (T5).
+
+    RoBERTa-style embeddings number positions from padding_idx + 1, so two of their rows are never used.
+    """
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None or config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        return None
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding = getattr(embeddings, "padding_idx", None)
+    if padding is not None and getattr(embeddings, "position_embeddings", None) is not None:
+        limit -= padding + 1
+    return int(limit)
+
+
 def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    import transformers
 
     if head == "classifier":
+        if kind == "seq2seq":  # BartForSequenceClassification finds its EOS in input_ids, so no prompt can go in
+            raise ValueError(f"{config.model_type}'s sequence-classification head reads token ids, which a soft prompt "
+                             f"replaces (PEFT cannot prompt-tune it either); use --head verbalizer")
         if config.pad_token_id is None and kind == "causal":
             config.pad_token_id = config.eos_token_id
         config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
-    if kind == "causal":
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        auto = {"masked": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM,
+                "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
+    try:
+        return auto.from_pretrained(path, config=config, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ValueError(f"transformers has no {auto.__name__[len('AutoModelFor'):]} model for "
+                             f"{config.model_type!r}; use --head {'verbalizer' if head == 'classifier' else 'classifier'}"
+                             f" or another model") from None
+        raise
 
 
 def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "cpu",
@@ -126,7 +171,7 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+        raise _load_error(name, error) from None
     kind = _kind(config)
     kwargs = {"dtype": dtype}
     if attn_implementation:
@@ -139,7 +184,7 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
             model = _load_model(path, config, head, kind, num_labels, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+        raise _load_error(name, error) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:

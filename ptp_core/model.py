@@ -8,13 +8,15 @@ Virtual tokens go before every input token and the attention mask is extended fo
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from ptp_core.backbones import Backbone
+from ptp_core.backbones import Backbone, max_positions
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
 VOCAB_INIT_TOP = 5000  # Lester et al. 2021 sample init tokens from the 5k most common ids
@@ -40,12 +42,38 @@ class Batch:
                      self.answer_index[index], self.labels[index])
 
 
-def _head_module(model: nn.Module) -> tuple[str, nn.Module]:
-    for name in ("classifier", "score"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Linear):
-            return name, module
-    raise ValueError(f"{type(model).__name__} has no linear `classifier`/`score` head; use --head verbalizer")
+class _Replay(nn.Module):
+    """Stands in for the backbone inside a head view: returns the backbone output it was handed.
+
+    The task model's own forward (pooler, pre_classifier, ClassificationHead, ContextPooler, score, LM head)
+    then runs on hidden states computed once for all G stacked prompts; no head is re-implemented here.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.output = None
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """What the task model adds on top of its backbone and a classifier trains: classifier, score, pre_classifier..."""
+    return [name for name, module in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in module.parameters())]
+
+
+def _head_view(model: nn.Module, replay: _Replay) -> nn.Module:
+    """A shallow copy of the task model whose backbone is `replay` (parameters shared, nothing copied)."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # a new dict: the original keeps its backbone
+    view._modules[model.base_model_prefix] = replay
+    return view
+
+
+def _slice_output(output, start: int, stop: int):
+    """The rows start:stop of every tensor in an HF model output."""
+    return type(output)(**{k: v[start:stop] if isinstance(v, Tensor) else v for k, v in output.items()})
 
 
 class PromptModel(nn.Module):
@@ -60,12 +88,19 @@ class PromptModel(nn.Module):
         self.model_name, self.model_path = backbone.name, backbone.path
         self.template, self.max_length = template, max_length
         self.label_words = list(label_words or [])
+        self.max_positions = max_positions(self.backbone)
+        replay = _Replay()
+        # kept out of the module tree: its parameters are the backbone's own, moved and frozen with it
+        self.__dict__["_head_view"] = _head_view(self.backbone, replay)
+        self.__dict__["_replay"] = replay
         if head == "classifier":
-            self.head_name, module = _head_module(self.backbone)
-            if module.out_features != num_labels:
-                raise ValueError(f"classifier has {module.out_features} outputs but the task has {num_labels} labels")
+            self.head_names = head_module_names(self.backbone)
+            if self.backbone.config.num_labels != num_labels:
+                raise ValueError(f"classifier has {self.backbone.config.num_labels} outputs but the task has "
+                                 f"{num_labels} labels")
             self.register_buffer("label_ids", torch.empty(0, dtype=torch.long), persistent=False)
         else:
+            self.head_names = []
             if len(self.label_words) != num_labels:
                 raise ValueError(f"verbalizer needs {num_labels} label words, got {self.label_words}")
             self.register_buffer("label_ids", self._label_word_ids(), persistent=False)
@@ -87,16 +122,21 @@ class PromptModel(nn.Module):
         return self.params["prompt"].shape[-2]
 
     def head_params(self) -> dict[str, Tensor]:
-        """The head's initial tensors (classifier only): names as in the HF model, e.g. classifier.weight."""
-        if self.head != "classifier":
-            return {}
-        return {f"{self.head_name}.{k}": v.detach().clone() for k, v in
-                getattr(self.backbone, self.head_name).named_parameters()}
+        """The classifier head's tensors as loaded, named as in the HF model (classifier.dense.weight, score.weight)."""
+        return {f"{name}.{k}": v.detach().clone() for name in self.head_names
+                for k, v in getattr(self.backbone, name).named_parameters()}
+
+    def check_length(self, prompt_length: int, text_length: int | None = None) -> None:
+        """Refuse a prompt plus text longer than the model's positions (ValueError with how to mend it)."""
+        text_length = self.max_length if text_length is None else text_length
+        if self.max_positions is not None and prompt_length + text_length > self.max_positions:
+            raise ValueError(f"{prompt_length} virtual tokens plus {text_length} text tokens exceed the "
+                             f"{self.max_positions} positions of {self.model_name}; lower --prompt-len or --max-length")
 
     def _label_word_ids(self) -> Tensor:
         ids = []
         for word in self.label_words:
-            text = " " + word if self.kind == "causal" else word  # causal LMs see the word after a space
+            text = word if self.kind == "masked" else " " + word  # generated words follow a space
             tokens = self.tokenizer(text, add_special_tokens=False).input_ids
             if not tokens:
                 raise ValueError(f"label word {word!r} tokenizes to nothing")
@@ -108,7 +148,7 @@ class PromptModel(nn.Module):
     # ---- tokenization -----------------------------------------------------------------------
     def render(self, text: str) -> tuple[str, int]:
         """Apply the template; return the string and the character offset where the text starts."""
-        if self.head == "classifier":
+        if self.head == "classifier" or self.kind == "seq2seq":  # seq2seq: the decoder writes the answer
             template = self.template.replace("{mask}", "").rstrip()
         elif self.kind == "causal":
             template = self.template.split("{mask}")[0].rstrip()  # the answer is the next token
@@ -177,42 +217,49 @@ class PromptModel(nn.Module):
         full = torch.cat([prompt, embeds], dim=2).reshape(groups * size, length + width, -1)  # (G*B, P+T, D)
         ones = batch.attention_mask.new_ones(size, length)
         attention = torch.cat([ones, batch.attention_mask], dim=1).repeat(groups, 1)  # (G*B, P+T)
+        if self.max_positions is not None and length + width > self.max_positions:
+            self.check_length(length, width)
+        head = {k: v for k, v in params.items() if k != "prompt"}
+        if self.kind == "seq2seq":  # the whole model: encoder, one decoder step, the LM head at that step only
+            start = torch.full((groups * size, 1), self.backbone.config.decoder_start_token_id, device=full.device)
+            out = self.backbone(inputs_embeds=full, attention_mask=attention, decoder_input_ids=start)
+            logits = out.logits[:, -1, self.label_ids].reshape(groups, size, -1)  # (G, B, C)
+            return logits if stacked else logits.squeeze(0)
         hidden = self.backbone.base_model(inputs_embeds=full, attention_mask=attention)
-        logits = self._head(params, hidden, length + batch.answer_index.repeat(groups), groups)  # (G, B, C)
+        if self.head == "verbalizer" or self.kind == "causal":
+            # only the answer position goes on: the label word is read there, and a decoder classifier reads its
+            # last *real* token (HF's own reads the last position, padding included, when given inputs_embeds)
+            states = hidden.last_hidden_state
+            answer = length + batch.answer_index.repeat(groups)  # (G*B,)
+            picked = states[torch.arange(states.shape[0], device=states.device), answer].unsqueeze(1)  # (G*B, 1, H)
+            hidden = type(hidden)(last_hidden_state=picked)
+        logits = self._run_head(head, hidden, groups)  # (G, B, C)
         return logits if stacked else logits.squeeze(0)
 
-    def _head(self, params: dict[str, Tensor], hidden, answer: Tensor, groups: int) -> Tensor:
-        if self.head == "classifier":
-            pooled = getattr(hidden, "pooler_output", None)
-            if pooled is None:  # decoder classifiers read the last real token, as HF's do
-                states = hidden.last_hidden_state
-                pooled = states[torch.arange(states.shape[0], device=states.device), answer]  # (G*B, H)
-            pooled = pooled.reshape(groups, -1, pooled.shape[-1])  # (G, B, H)
-            weight = params[f"{self.head_name}.weight"]
-            weight = weight if weight.dim() == 3 else weight.unsqueeze(0)  # (G|1, C, H)
-            logits = torch.einsum("gbh,gch->gbc", pooled, weight.to(pooled.dtype).expand(groups, -1, -1))
-            bias = params.get(f"{self.head_name}.bias")
-            if bias is not None:
-                logits = logits + (bias if bias.dim() == 2 else bias.unsqueeze(0)).unsqueeze(1)  # (G, B, C)
-            return logits
-        states = hidden.last_hidden_state
-        picked = states[torch.arange(states.shape[0], device=states.device), answer]  # (G*B, H)
-        return self._label_word_logits(picked).reshape(groups, -1, self.num_labels)
+    def _run_head(self, head: dict[str, Tensor], hidden, groups: int) -> Tensor:
+        """(G, B, C) class logits: the task model's own forward over `hidden`, with the head tensors substituted.
 
-    def _label_word_logits(self, hidden: Tensor) -> Tensor:
-        """Label-word logits (N, C) from hidden states (N, H) at the answer position only."""
-        decoder = self.backbone.get_output_embeddings()
-        if self.kind == "masked":
-            cls = getattr(self.backbone, "cls", None)
-            if cls is not None:  # BERT: transform, then only the label-word rows of the decoder
-                hidden = cls.predictions.transform(hidden)
-            else:  # other MLM heads: the full head at this one position, then the label words
-                head = getattr(self.backbone, "lm_head")
-                return head(hidden)[:, self.label_ids]
-        logits = hidden @ decoder.weight[self.label_ids].T.to(hidden.dtype)  # (N, C)
-        if getattr(decoder, "bias", None) is not None:
-            logits = logits + decoder.bias[self.label_ids]
-        return logits
+        Stacked head tensors (G, ...) run the head once per group on that group's rows (the backbone ran once).
+        """
+        shapes = {k: v.dim() for k, v in self._head_view.named_parameters()}
+        stacked = any(v.dim() == shapes[k] + 1 for k, v in head.items())
+        rows = hidden.last_hidden_state.shape[0] // groups
+        if not stacked:
+            return self._head_logits(head, hidden).reshape(groups, rows, -1)
+        parts = [self._head_logits({k: v[g] if v.dim() == shapes[k] + 1 else v for k, v in head.items()},
+                                   _slice_output(hidden, g * rows, (g + 1) * rows)) for g in range(groups)]
+        return torch.stack(parts)  # (G, B, C)
+
+    def _head_logits(self, head: dict[str, Tensor], hidden) -> Tensor:
+        self._replay.output = hidden
+        try:
+            out = functional_call(self._head_view, head, (), {"inputs_embeds": hidden.last_hidden_state},
+                                  strict=False)
+        finally:
+            self._replay.output = None
+        if self.head == "classifier":
+            return out.logits  # (N, C)
+        return out.logits[:, -1, self.label_ids]  # (N, C): the label words at the answer position
 
     def loss(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None,
              inputs_embeds: Tensor | None = None) -> Tensor:
@@ -254,9 +301,15 @@ class PromptModel(nn.Module):
 
     def init_params(self, length: int, init: str, generator: torch.Generator, text: str = "") -> dict[str, Tensor]:
         """Trainable tensors: the prompt and, for the classifier head, a freshly seeded head."""
+        self.check_length(length)
         params = {"prompt": self.init_prompt(length, init, generator, text)}
+        scale = getattr(self.backbone.config, "initializer_range", 0.02)
         for name, value in self.head_params().items():
-            # HF's own init for a linear head: N(0, 0.02) weights, zero bias, from our seed
-            params[name] = (torch.randn(value.shape, generator=generator) * 0.02 if name.endswith("weight")
-                            else torch.zeros(value.shape))
+            # HF's own init of linear and norm layers: N(0, initializer_range) matrices, zero biases, unit norm scales
+            if name.endswith("bias"):
+                params[name] = torch.zeros(value.shape)
+            elif value.dim() == 1:
+                params[name] = torch.ones(value.shape)
+            else:
+                params[name] = torch.randn(value.shape, generator=generator) * scale
         return {k: v.to(self.device) for k, v in params.items()}

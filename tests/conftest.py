@@ -65,12 +65,12 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     vocab = len(WORDS)
     bert = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                                         intermediate_size=64, max_position_embeddings=256, pad_token_id=0,
                                          initializer_range=0.3))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256,
                                       bos_token_id=3, eos_token_id=3, pad_token_id=0, initializer_range=0.3))
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
+                                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
                                          bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=True,
                                          initializer_range=0.3))
     return {"bert": _save(bert, "masked", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),

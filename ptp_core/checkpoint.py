@@ -34,10 +34,14 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+# PEFT's task type for (head, kind); a masked-LM verbalizer has none of its own
+PEFT_TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked": "FEATURE_EXTRACTION"}
+READABLE_TASK_TYPES = {"SEQ_CLS": ("classifier", None), "CAUSAL_LM": ("verbalizer", "causal"),
+                       "SEQ_2_SEQ_LM": ("verbalizer", "seq2seq")}
+
+
 def _peft_task_type(meta: dict) -> str:
-    if meta.get("head") == "classifier":
-        return "SEQ_CLS"
-    return "CAUSAL_LM" if meta.get("kind") == "causal" else "FEATURE_EXTRACTION"
+    return "SEQ_CLS" if meta.get("head") == "classifier" else PEFT_TASK_TYPES[meta.get("kind") or "masked"]
 
 
 def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) -> dict:
@@ -102,25 +106,60 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None, label_words: list[str] | None = None,
-                    template: str | None = None, attn_implementation: str | None = None):
-        """The PromptModel with its frozen backbone and tokenizer, holding these params."""
+                    template: str | None = None, attn_implementation: str | None = None,
+                    num_labels: int | None = None):
+        """The PromptModel with its frozen backbone and tokenizer, holding these params.
+
+        The label count comes from ptp.json, the label words, `num_labels` (the task's) or, for a classifier,
+        the model's config; the head tensors must then fit the model's head exactly.
+        """
         from ptp_core.backbones import load_backbone
         from ptp_core.model import PromptModel
 
         meta = self.meta
         words = label_words or meta.get("label_words")
-        num_labels = meta.get("num_labels") or (len(words) if words else None)
-        if meta["head"] == "classifier":
-            num_labels = num_labels or next(v.shape[0] for k, v in self.params.items() if k.endswith("weight"))
-        if not num_labels:
-            raise ValueError(f"{self.path} does not say its label words; pass label_words=[...]")
-        backbone = load_backbone(meta["model"], meta["head"], num_labels, device, dtype, cache_dir, attn_implementation)
+        count = meta.get("num_labels") or (len(words) if words else None) or num_labels
+        if not count and meta["head"] == "classifier":
+            count = _config_num_labels(meta["model"], cache_dir)
+        if not count:
+            raise ValueError(f"{self.path} does not say its labels; pass --task (label_words=[...] in Python)")
+        backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation)
         if backbone.embedding_dim != self.params["prompt"].shape[1]:
             raise ValueError(f"checkpoint {self.path} has token_dim {self.params['prompt'].shape[1]} but model "
                              f"{meta['model']!r} has {backbone.embedding_dim}; use the model it was trained on")
         default_template = "{text} It was {mask}." if meta["head"] == "verbalizer" else "{text}"
-        return PromptModel(backbone, meta["head"], num_labels, words, template or meta.get("template") or default_template,
-                           meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()})
+        model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default_template,
+                            meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()})
+        _check_head(self, model.head_params(), count)
+        model.check_length(self.params["prompt"].shape[0], 1)
+        return model
+
+
+def _config_num_labels(model: str, cache_dir: Path | None) -> int | None:
+    """The label count a model folder's config declares (id2label), None when it declares none."""
+    from transformers import AutoConfig
+
+    from ptp_core.backbones import resolve
+
+    try:
+        return AutoConfig.from_pretrained(resolve(model, cache_dir)).num_labels
+    except (OSError, ValueError):
+        return None  # load_backbone reports the unloadable model in one line
+
+
+def _check_head(checkpoint: "Checkpoint", expected: dict[str, Tensor], num_labels: int) -> None:
+    """Every saved head tensor must be one of the model's head tensors, with its shape."""
+    for name, value in checkpoint.params.items():
+        if name == "prompt":
+            continue
+        if name not in expected:
+            raise ValueError(f"{checkpoint.path} holds head tensor {name!r} that {checkpoint.meta['model']!r} "
+                             f"does not have (its head: {', '.join(sorted(expected)) or 'none'}); use the model "
+                             f"and --head it was trained with")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{checkpoint.path}: head tensor {name} has shape {tuple(value.shape)} but the model's "
+                             f"has {tuple(expected[name].shape)} for {num_labels} labels; evaluate it on a task "
+                             f"with the labels it was trained on")
 
 
 def _read_json(path: Path) -> dict:
@@ -140,7 +179,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read our checkpoint directory, or a prompt-tuning directory PEFT saved (SEQ_CLS, CAUSAL_LM)."""
+    """Read our checkpoint directory, or a prompt-tuning directory PEFT saved (SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -153,7 +192,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     tensors = _read_tensors(path / ADAPTER_WEIGHTS)
     if PROMPT_KEY not in tensors:
         raise ValueError(f"{path / ADAPTER_WEIGHTS} has no {PROMPT_KEY}; re-save the checkpoint")
-    params = {"prompt": tensors.pop(PROMPT_KEY).float()}
+    # PEFT keeps num_virtual_tokens rows per transformer submodule (two for SEQ_2_SEQ_LM); prompt tuning feeds
+    # only the first block to the encoder, so that block is the prompt
+    prompt = tensors.pop(PROMPT_KEY).float()
+    params = {"prompt": prompt[:adapter.get("num_virtual_tokens") or prompt.shape[0]]}
     for key, value in tensors.items():  # PEFT names the SEQ_CLS head base_model.classifier.* (or .score)
         name = key[len(HEAD_PREFIX):] if key.startswith(HEAD_PREFIX) else key
         params[name.replace("modules_to_save.default.", "").replace("modules_to_save.", "")] = value.float()
@@ -161,11 +203,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = _read_json(path / META)
     else:  # a directory PEFT saved: infer what PEFT's config says
         task_type = adapter.get("task_type")
-        if task_type not in ("SEQ_CLS", "CAUSAL_LM"):
-            raise ValueError(f"{path} is a PEFT {task_type} checkpoint; SEQ_CLS and CAUSAL_LM can be read")
-        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None,
-                "head": "classifier" if task_type == "SEQ_CLS" else "verbalizer",
-                "kind": "causal" if task_type == "CAUSAL_LM" else None}
+        if task_type not in READABLE_TASK_TYPES:
+            raise ValueError(f"{path} is a PEFT {task_type} checkpoint; {', '.join(READABLE_TASK_TYPES)} can be read")
+        head, kind = READABLE_TASK_TYPES[task_type]
+        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None, "head": head, "kind": kind}
     for key in ("model", "head"):
         if key not in meta:
             raise ValueError(f"{path / META} lacks {key!r}; re-save the checkpoint")

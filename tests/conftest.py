@@ -20,7 +20,8 @@ WORDS = SPECIALS + GOOD + BAD + FILLER + ["terrible", "positive", "negative", "I
 
 
 def make_tokenizer(kind: str):
-    """A word-level fast tokenizer: BERT-style [CLS] x [SEP] for "masked", plain words for "causal"."""
+    """A word-level fast tokenizer: BERT-style [CLS] x [SEP] for "masked", plain words for "causal",
+    words then the end-of-sequence token [SEP] for "seq2seq" (T5 and BART end every input with EOS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -32,6 +33,8 @@ def make_tokenizer(kind: str):
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    if kind == "seq2seq":
+        tok.post_processor = processors.TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", vocab["[SEP]"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
 
 
@@ -75,6 +78,55 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
                                          initializer_range=0.3))
     return {"bert": _save(bert, "masked", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),
             "llama": _save(llama, "causal", root / "llama")}
+
+
+# Every family the README lists, as a tiny random task model: (tokenizer kind, HF class, config class, config).
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=256, pad_token_id=0, initializer_range=0.3)
+FAMILIES = {
+    "bert": ("masked", "BertForSequenceClassification", "BertConfig", SMALL),
+    "roberta": ("masked", "RobertaForSequenceClassification", "RobertaConfig", dict(SMALL, type_vocab_size=1, max_position_embeddings=257)),
+    "distilbert": ("masked", "DistilBertForSequenceClassification", "DistilBertConfig",
+                   dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=256, pad_token_id=0,
+                        initializer_range=0.3)),
+    "deberta-v2": ("masked", "DebertaV2ForSequenceClassification", "DebertaV2Config",
+                   dict(SMALL, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
+                        position_biased_input=False, pooler_hidden_size=32)),
+    "albert": ("masked", "AlbertForSequenceClassification", "AlbertConfig", dict(SMALL, embedding_size=16)),
+    "electra": ("masked", "ElectraForSequenceClassification", "ElectraConfig", dict(SMALL, embedding_size=16)),
+    "gpt2": ("causal", "GPT2ForSequenceClassification", "GPT2Config",
+             dict(n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=3, eos_token_id=3, pad_token_id=0,
+                  initializer_range=0.3)),
+    "llama": ("causal", "LlamaForSequenceClassification", "LlamaConfig",
+              dict(SMALL, num_key_value_heads=1, bos_token_id=2, eos_token_id=3)),
+    "qwen2": ("causal", "Qwen2ForSequenceClassification", "Qwen2Config",
+              dict(SMALL, num_key_value_heads=1, bos_token_id=2, eos_token_id=3)),
+    "t5": ("seq2seq", "T5ForConditionalGeneration", "T5Config",
+           dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3,
+                decoder_start_token_id=0, initializer_factor=1.0)),
+    "bart": ("seq2seq", "BartForConditionalGeneration", "BartConfig",
+             dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3, init_std=0.3)),
+}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, str]:
+    """Folders of tiny random task models, one per family in FAMILIES (classifiers with 2 labels, seq2seq LMs)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("families")
+    dirs = {}
+    for name, (kind, model_class, config_class, settings) in FAMILIES.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(vocab_size=len(WORDS), num_labels=2, **settings)
+        dirs[name] = _save(getattr(transformers, model_class)(config), kind, root / name)
+    return dirs
+
+
+def family_head(name: str) -> str:
+    return "verbalizer" if FAMILIES[name][0] == "seq2seq" else "classifier"
 
 
 @pytest.fixture(scope="session")

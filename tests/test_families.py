@@ -1,0 +1,149 @@
+"""Every family computes what Hugging Face and PEFT compute: both directions against PEFT's own forward.
+
+PEFT's forward is the reference, run one example at a time (it cannot tell padding from inputs_embeds);
+ours runs the examples as one right-padded batch, so these tests also check that padding is invisible.
+"""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from conftest import FAMILIES, family_head, toy_rows
+
+TEXTS = [r["text"] for r in toy_rows(5, seed=11)] + ["good"]  # lengths differ: the batch is right-padded
+LABEL_WORDS = ["negative", "positive"]
+TOLERANCE = 1e-5
+
+
+def build(directory: str, head: str, seed: int = 0, prompt_length: int = 3):
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+
+    model = PromptModel(load_backbone(directory, head, num_labels=2), head, 2, LABEL_WORDS,
+                        "{text} It was {mask}." if head == "verbalizer" else "{text}")
+    model.params = model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed))
+    return model
+
+
+def peft_base(directory: str, head: str):
+    import transformers
+
+    auto = transformers.AutoModelForSequenceClassification if head == "classifier" else \
+        transformers.AutoModelForSeq2SeqLM
+    return auto.from_pretrained(directory).eval()
+
+
+def peft_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
+    """(N, C) class logits from PEFT's forward, one unpadded example at a time."""
+    rows = []
+    for text in texts:
+        inputs = model.tokenizer(model.render(text)[0], return_tensors="pt")
+        with torch.no_grad():
+            if model.kind == "seq2seq":
+                start = torch.tensor([[peft_model.config.decoder_start_token_id]])
+                rows.append(peft_model(**inputs, decoder_input_ids=start).logits[0, -1, model.label_ids])
+            else:
+                rows.append(peft_model(**inputs).logits[0])
+    return torch.stack(rows)
+
+
+def peft_saved_to_ours(directory: str, tmp_path) -> float:
+    """max |logit difference|: a PEFT-saved adapter (trained-looking prompt and head) read by our evaluate path."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from ptp_core.checkpoint import load_checkpoint
+
+    head = "classifier" if "ForSequenceClassification" in open(f"{directory}/config.json").read() else "verbalizer"
+    task_type = "SEQ_CLS" if head == "classifier" else "SEQ_2_SEQ_LM"
+    torch.manual_seed(5)
+    base = peft_base(directory, head)
+    # token_dim is the word-embedding width (ALBERT, ELECTRA: below the hidden size; DistilBERT's config says `dim`)
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=3, num_layers=2, num_attention_heads=2,
+                                token_dim=base.get_input_embeddings().weight.shape[1])
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():  # move every trainable tensor (prompt and head copies) away from the base's values
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5 * torch.randn_like(parameter))
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = load_checkpoint(tmp_path / "peft").build_model(label_words=LABEL_WORDS, template="{text} It was {mask}.")
+    reference = peft_logits(peft_model, model, TEXTS)
+    return float((model.predict(TEXTS) - reference).abs().max())
+
+
+def ours_to_peft(directory: str, head: str, tmp_path) -> float:
+    """max |logit difference|: our checkpoint loaded by PeftModel.from_pretrained."""
+    from peft import PeftModel
+
+    from ptp_core.checkpoint import save_checkpoint
+
+    model = build(directory, head, seed=3)
+    meta = {"model": directory, "head": head, "kind": model.kind, "label_words": LABEL_WORDS,
+            "template": model.template, "num_labels": 2, "method": "pt", "seed": 3}
+    out = save_checkpoint(tmp_path / "ours", model.params, meta, None, model.backbone.config)
+    peft_model = PeftModel.from_pretrained(peft_base(directory, head), out).eval()
+    return float((model.predict(TEXTS) - peft_logits(peft_model, model, TEXTS)).abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_peft_saved_adapter_gives_peft_logits_here(family, family_dirs, tmp_path):
+    assert peft_saved_to_ours(family_dirs[family], tmp_path) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_checkpoint_gives_our_logits_in_peft(family, family_dirs, tmp_path):
+    assert ours_to_peft(family_dirs[family], family_head(family), tmp_path) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stacked_params_equal_a_loop(family, family_dirs):
+    """G prompt variants (and, for classifiers, G heads: --params all) in one call == G calls."""
+    model = build(family_dirs[family], family_head(family))
+    batch = model.encode(TEXTS, [0, 1, 0, 1, 1, 0])
+    gen = torch.Generator().manual_seed(1)
+    variants = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in model.params.items()} for _ in range(3)]
+    prompts = {**model.params, "prompt": torch.stack([v["prompt"] for v in variants])}  # (G, P, D), shared head
+    loop = torch.stack([model.loss({**model.params, "prompt": v["prompt"]}, batch) for v in variants])
+    torch.testing.assert_close(model.loss(prompts, batch), loop, rtol=1e-5, atol=1e-6)
+    if model.head == "classifier":
+        everything = {k: torch.stack([v[k] for v in variants]) for k in model.params}
+        loop = torch.stack([model.loss(v, batch) for v in variants])
+        torch.testing.assert_close(model.loss(everything, batch), loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "qwen2", "t5"])
+def test_gradients_and_double_backward_reach_prompt_and_head(family, family_dirs):
+    """The Hessian needs a second derivative through HF's own head modules."""
+    model = build(family_dirs[family], family_head(family))
+    batch = model.encode(TEXTS[:3], [0, 1, 0])
+    params = {k: v.clone().requires_grad_(True) for k, v in model.params.items()}
+    with sdpa_kernel(SDPBackend.MATH):  # as landscape.hessian does: the fused CPU kernel has no double backward
+        loss = model.loss(params, batch).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        assert all(g.abs().sum() > 0 for g in grads)
+        (second,) = torch.autograd.grad(grads[0].sum(), params["prompt"])
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+def test_head_reads_hf_modules_not_a_copy(family_dirs):
+    """The head a classifier trains is what the HF model adds on top of its backbone, named as HF names it."""
+    expected = {"bert": {"classifier"}, "roberta": {"classifier"}, "distilbert": {"pre_classifier", "classifier"},
+                "deberta-v2": {"pooler", "classifier"}, "albert": {"classifier"}, "electra": {"classifier"},
+                "gpt2": {"score"}, "llama": {"score"}, "qwen2": {"score"}}
+    for family, names in expected.items():
+        model = build(family_dirs[family], "classifier")
+        assert {k.split(".")[0] for k in model.params if k != "prompt"} == names, family
+
+
+def test_prompt_longer_than_positions_is_refused(family_dirs):
+    with pytest.raises(ValueError, match="exceed the 256 positions"):
+        build(family_dirs["gpt2"], "classifier", prompt_length=200)
+    with pytest.raises(ValueError, match=r"exceed the 256 positions"):  # RoBERTa: 257 rows, ids from pad + 1
+        build(family_dirs["roberta"], "classifier", prompt_length=129)
+
+
+def test_bart_classifier_is_refused_in_one_line(family_dirs):
+    from ptp_core.backbones import load_backbone
+
+    with pytest.raises(ValueError, match="use --head verbalizer"):
+        load_backbone(family_dirs["bart"], "classifier", 2)

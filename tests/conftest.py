@@ -103,7 +103,8 @@ FAMILIES = {
               dict(SMALL, num_key_value_heads=1, bos_token_id=2, eos_token_id=3)),
     "t5": ("seq2seq", "T5ForConditionalGeneration", "T5Config",
            dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3,
-                decoder_start_token_id=0, initializer_factor=1.0)),
+                decoder_start_token_id=0, initializer_factor=1.0,
+                feed_forward_proj="gated-gelu")),  # T5 v1.1 / Flan-T5, the LM-adapted T5 of Lester et al.
     "bart": ("seq2seq", "BartForConditionalGeneration", "BartConfig",
              dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
@@ -163,6 +164,18 @@ def tiny_bert_model(tiny_dirs):
 def tiny_gpt2_model(tiny_dirs):
     """PromptModel: tiny GPT-2 with the causal verbalizer head."""
     return build_model(tiny_dirs["gpt2"], "verbalizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_model(family_dirs):
+    """PromptModel: tiny T5 (encoder-decoder) with the verbalizer read at the first decoder step."""
+    return build_model(family_dirs["t5"], "verbalizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_model(family_dirs):
+    """PromptModel: tiny RoBERTa, whose classifier is HF's two-layer ClassificationHead."""
+    return build_model(family_dirs["roberta"], "classifier")
 
 
 @pytest.fixture(scope="session")

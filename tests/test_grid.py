@@ -52,7 +52,8 @@ def test_grid_axis_contains_exact_zero():
     assert SurfaceSpec(grid="21").shape == (21, 1) and SurfaceSpec(grid="21x31").shape == (21, 31)
 
 
-@pytest.mark.parametrize("fixture,params", [("tiny_gpt2_model", "prompt"), ("tiny_bert_model", "all")])
+@pytest.mark.parametrize("fixture,params", [("tiny_gpt2_model", "prompt"), ("tiny_bert_model", "all"),
+                                            ("tiny_roberta_model", "all"), ("tiny_t5_model", "prompt")])
 def test_every_point_equals_a_direct_evaluation(request, fixture, params):
     """5x7 grid: each value == evaluate() of the prompt at (alphas[i], betas[j]); centre == plain loss."""
     model = request.getfixturevalue(fixture)
@@ -75,9 +76,10 @@ def test_every_point_equals_a_direct_evaluation(request, fixture, params):
     assert abs(surface.center_loss - center["loss"]) < 1e-6 and surface.center_accuracy == center["accuracy"]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_bert_model", "tiny_gpt2_model", "tiny_t5_model"])
 @pytest.mark.parametrize("space", ["prompt", "input"])
-def test_batched_equals_per_point_loop(tiny_bert_model, space):
-    model = tiny_bert_model
+def test_batched_equals_per_point_loop(fixture, space, request):
+    model = request.getfixturevalue(fixture)
     batched = surface_for_params(model, model.params, _examples(), _spec(space=space), progress=False)
     loop = surface_for_params(model, model.params, _examples(), _spec(space=space, chunk=1), progress=False)
     np.testing.assert_allclose(batched.loss, loop.loss, rtol=0, atol=1e-5)
@@ -100,8 +102,9 @@ def test_input_space_points_equal_direct_perturbation(tiny_gpt2_model):
     assert abs(surface.loss[0, 2] - float(moved)) < 1e-5
 
 
-def test_interrupted_run_resumes_bitwise_and_skips_finished_points(tiny_bert_model, tmp_path, monkeypatch):
-    model = tiny_bert_model
+@pytest.mark.parametrize("fixture", ["tiny_bert_model", "tiny_gpt2_model", "tiny_t5_model"])
+def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, request, tmp_path, monkeypatch):
+    model = request.getfixturevalue(fixture)
     spec = _spec(chunk=4)
     reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "full", progress=False)
     real, calls = grid._evaluate_chunk, []

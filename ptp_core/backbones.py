@@ -102,8 +102,8 @@ def _offline() -> bool:
 def _load_error(name: str, error: Exception) -> ValueError:
     """One line for a model that cannot be loaded; a hub id that is not cached while offline says how to mend it."""
     if not Path(name).exists() and name not in EMBEDDED and _offline():
-        return ValueError(f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
-                          f"offline (HF_HUB_OFFLINE=1): give a local model folder, or run once online to cache it")
+        return ValueError(f"model {name!r} is neither a local folder nor in the Hugging Face cache, so it cannot be "
+                          f"fetched offline (HF_HUB_OFFLINE=1): give a local model folder, or run once online to cache it")
     return ValueError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0]}")
 
 
@@ -114,6 +114,20 @@ def _kind(config) -> str:
     if "CausalLM" in architectures or "LMHead" in architectures or config.model_type in CAUSAL_TYPES:
         return "causal"
     return "masked"
+
+
+def default_head(name: str) -> str:
+    """The head `--head auto` picks: the embedded model's own, the verbalizer for encoder-decoders (their LM head
+    scores the label words, as Lester et al. 2021 do), else the classifier."""
+    if name in DEFAULT_HEAD:
+        return DEFAULT_HEAD[name]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(name))
+    except (OSError, ValueError):
+        return "classifier"  # load_backbone reports the unloadable model in one line
+    return "verbalizer" if _kind(config) == "seq2seq" else "classifier"
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -142,6 +156,7 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
         if config.pad_token_id is None and kind == "causal":
             config.pad_token_id = config.eos_token_id
         config.num_labels = num_labels
+        kwargs = {**kwargs, "ignore_mismatched_sizes": True}  # a folder's head for other labels is replaced, as HF does
         auto = transformers.AutoModelForSequenceClassification
     else:
         auto = {"masked": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM,

@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{args.checkpoint} does not name its task; pass --task")
     task = load_task(task_name, label_words=checkpoint.meta.get("label_words"),
                      label_names=checkpoint.meta.get("label_names"))
-    model = checkpoint.build_model(cli.auto_device(args.device), cache_dir=cli.cache_dir())
+    trained_on = checkpoint.meta.get("num_labels")
+    if trained_on and trained_on != task.num_labels:
+        raise ValueError(f"{args.checkpoint} was trained on {trained_on} labels but task {task_name!r} has "
+                         f"{task.num_labels}; evaluate on a task with the same labels")
+    model = checkpoint.build_model(cli.auto_device(args.device), cache_dir=cli.cache_dir(),
+                                   num_labels=task.num_labels)
     result = evaluate(model, model.params, task.splits[args.split].head(args.examples), args.batch_size)
     print(json.dumps(result))
     return result

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ptp_core.backbones import DEFAULT_HEAD
+from ptp_core.backbones import default_head
 from ptp_core.checkpoint import META, save_checkpoint
 from ptp_core.data import batch_indices, load_task
 from ptp_core.evaluate import encode_split, evaluate
@@ -39,7 +39,7 @@ class TrainConfig:
     method: str = "pt"
     seed: int = 0
     out: str = "runs/pt"
-    head: str = "auto"  # auto: classifier for encoders (minilm), verbalizer for causal LMs (smollm2)
+    head: str = "auto"  # auto: smollm2 and encoder-decoders (T5, BART) score label words; others train a classifier
     prompt_length: int = 20  # Lester et al. 2021: gains flatten beyond ~20 tokens
     prompt_init: str = "vocab"  # sampled vocabulary embeddings: a stable start (Lester et al. 2021)
     prompt_init_text: str = ""
@@ -74,7 +74,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.head == "auto":
-            self.head = DEFAULT_HEAD.get(self.model, "classifier")
+            self.head = default_head(self.model)
         if self.lr is None:
             self.lr = PROMPT_LR.get(self.head, PROMPT_LR["classifier"])
         if not self.lr > 0 or not self.head_lr > 0:

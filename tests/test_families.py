@@ -3,6 +3,7 @@
 PEFT's forward is the reference, run one example at a time (it cannot tell padding from inputs_embeds);
 ours runs the examples as one right-padded batch, so these tests also check that padding is invisible.
 """
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -147,3 +148,59 @@ def test_bart_classifier_is_refused_in_one_line(family_dirs):
 
     with pytest.raises(ValueError, match="use --head verbalizer"):
         load_backbone(family_dirs["bart"], "classifier", 2)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_trains_evaluates_draws_a_surface_and_measures_curvature(family, family_dirs, toy_csv, tmp_path):
+    from landscape.grid import SurfaceSpec, surface_for_params
+    from landscape.measure import MetricsConfig, measure
+    from ptp_core.checkpoint import load_checkpoint
+    from ptp_core.data import load_task
+    from ptp_core.evaluate import main as evaluate_main
+    from ptp_core.train import TrainConfig, train
+
+    out = train(TrainConfig(model=family_dirs[family], task=toy_csv, out=str(tmp_path / "run"), steps=3, batch_size=16,
+                            prompt_length=3, eval_every=3, eval_examples=8, test_examples=8, progress=False))
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["head"] == family_head(family)
+    result = evaluate_main([str(out), "--examples", "8"])
+    model = checkpoint.build_model()
+    examples = load_task(toy_csv).splits["test"].head(8)
+    surface = surface_for_params(model, checkpoint.params, examples, SurfaceSpec(grid="3x3", examples=8, span=0.5),
+                                 progress=False)
+    assert surface.is_complete and abs(surface.center_loss - result["loss"]) < 1e-5
+    row = measure(model, checkpoint.params, examples, surface,
+                  MetricsConfig(which=("surface", "hessian"), examples=8, eigenvalues=1, max_hvps=60))
+    assert np.isfinite(row["hessian_eigenvalues"][0]) and np.isfinite(row["grid_sharpness"])
+
+
+def test_cli_refusals_are_one_line_and_write_nothing(family_dirs, toy_csv, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        return result.stderr
+
+    out = tmp_path / "x"
+    assert "use --head verbalizer" in cli("ptp_core.train", "--model", family_dirs["bart"], "--head", "classifier",
+                                          "--task", toy_csv, "--out", str(out), "--steps", "1")
+    assert not out.exists()
+    three = tmp_path / "three.csv"  # a task with three labels against a two-label checkpoint
+    three.write_text("text,label\n" + "".join(f"good film,{label}\n" for label in ("a", "b", "c") * 4))
+    run = tmp_path / "run"
+    from ptp_core.train import TrainConfig, train
+
+    train(TrainConfig(model=family_dirs["roberta"], task=toy_csv, out=str(run), steps=1, prompt_length=2,
+                      eval_examples=4, test_examples=4, progress=False))
+    meta = json.loads((run / "ptp.json").read_text())
+    meta.pop("label_names")  # names or words would already refuse the task (tested elsewhere); test the counts
+    meta.pop("label_words")
+    (run / "ptp.json").write_text(json.dumps(meta))
+    assert "trained on 2 labels" in cli("ptp_core.evaluate", str(run), "--task", str(three))
+    meta.pop("num_labels")
+    (run / "ptp.json").write_text(json.dumps(meta))
+    assert "has shape (2,) but the model's has (3,) for 3 labels" in cli("ptp_core.evaluate", str(run), "--task", str(three))

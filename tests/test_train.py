@@ -82,7 +82,9 @@ def _write(path, text):
 def test_cli_bad_input(tiny_dirs, toy_csv, tmp_path):
     base = ["-m", "ptp_core.train", "--task", toy_csv, "--out", str(tmp_path / "x"), "--steps", "1"]
     cases = {
-        "unknown model": (["--model", "nosuchmodel"], "unknown model"),
+        "uncached hub id": (["--model", "nosuchmodel"], "cannot be fetched offline"),
+        "legacy hub id": (["--model", "roberta-base"], "'roberta-base' is neither a local folder nor in the Hugging"),
+        "prompt too long": (["--model", tiny_dirs["bert"], "--prompt-len", "100000"], "exceed the 256 positions"),
         "unknown task": (["--model", tiny_dirs["bert"], "--task", "nosuchtask"], "task"),
         "prompt len": (["--model", tiny_dirs["bert"], "--prompt-len", "0"], "--prompt-len"),
         "steps": (["--model", tiny_dirs["bert"], "--steps", "0"], "--steps"),

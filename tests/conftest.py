@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 
@@ -25,6 +26,8 @@ def make_tokenizer(kind: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "bpe":
+        return _byte_level_bpe()
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -36,6 +39,21 @@ def make_tokenizer(kind: str):
     if kind == "seq2seq":
         tok.post_processor = processors.TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", vocab["[SEP]"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
+
+
+def _byte_level_bpe():
+    """A Qwen2 tokenizer (byte-level BPE) trained on the toy vocabulary: transformers always loads a qwen2 folder's
+    tokenizer as Qwen2Tokenizer, which would read a word-level vocabulary as nothing."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Tokenizer
+
+    trainer = ByteLevelBPETokenizer()
+    corpus = [" ".join(WORDS)] * 5 + [r["text"] + " It was positive negative terrible." for r in toy_rows(200, 0)]
+    trainer.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                                show_progress=False)
+    model = json.loads(trainer._tokenizer.to_str())["model"]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split())
+                                                        for m in model["merges"]])
 
 
 def toy_rows(n: int, seed: int) -> list[dict]:
@@ -99,8 +117,8 @@ FAMILIES = {
                   initializer_range=0.3)),
     "llama": ("causal", "LlamaForSequenceClassification", "LlamaConfig",
               dict(SMALL, num_key_value_heads=1, bos_token_id=2, eos_token_id=3)),
-    "qwen2": ("causal", "Qwen2ForSequenceClassification", "Qwen2Config",
-              dict(SMALL, num_key_value_heads=1, bos_token_id=2, eos_token_id=3)),
+    "qwen2": ("bpe", "Qwen2ForSequenceClassification", "Qwen2Config",
+              dict(SMALL, num_key_value_heads=1, bos_token_id=0, eos_token_id=0)),
     "t5": ("seq2seq", "T5ForConditionalGeneration", "T5Config",
            dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3,
                 decoder_start_token_id=0, initializer_factor=1.0,
@@ -121,7 +139,8 @@ def family_dirs(tmp_path_factory) -> dict[str, str]:
     dirs = {}
     for name, (kind, model_class, config_class, settings) in FAMILIES.items():
         torch.manual_seed(0)
-        config = getattr(transformers, config_class)(vocab_size=len(WORDS), num_labels=2, **settings)
+        vocab = len(make_tokenizer(kind)) if kind == "bpe" else len(WORDS)
+        config = getattr(transformers, config_class)(vocab_size=vocab, num_labels=2, **settings)
         dirs[name] = _save(getattr(transformers, model_class)(config), kind, root / name)
     return dirs
 

@@ -204,3 +204,20 @@ def test_cli_refusals_are_one_line_and_write_nothing(family_dirs, toy_csv, tmp_p
     meta.pop("num_labels")
     (run / "ptp.json").write_text(json.dumps(meta))
     assert "has shape (2,) but the model's has (3,) for 3 labels" in cli("ptp_core.evaluate", str(run), "--task", str(three))
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "deberta-v2", "albert", "electra", "gpt2", "llama", "qwen2"])
+def test_verbalizer_reads_the_models_own_lm_head(family, family_dirs):
+    """Masked and causal LMs of each family: label-word logits == HF's full forward at the answer position."""
+    model = build(family_dirs[family], "verbalizer")
+    batch = model.encode(TEXTS, [0, 1, 0, 1, 1, 0])
+    prompt = model.params["prompt"].expand(len(batch), -1, -1)  # (B, P, D)
+    embeds = torch.cat([prompt, model.embed(batch)], 1)  # (B, P+T, D)
+    mask = torch.cat([torch.ones(len(batch), prompt.shape[1], dtype=torch.long), batch.attention_mask], 1)
+    with torch.no_grad():
+        full = model.backbone(inputs_embeds=embeds, attention_mask=mask).logits  # (B, P+T, V)
+    rows = torch.arange(len(batch))
+    expected = full[rows, prompt.shape[1] + batch.answer_index][:, model.label_ids]  # (B, C)
+    torch.testing.assert_close(model.logits(model.params, batch), expected, rtol=1e-5, atol=1e-5)
+    if model.kind == "masked":
+        assert (batch.input_ids[rows, batch.answer_index] == model.tokenizer.mask_token_id).all()

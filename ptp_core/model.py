@@ -19,6 +19,7 @@ from torch.func import functional_call
 from ptp_core.backbones import Backbone, max_positions
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
+HEAD_INIT_STD = 0.02  # transformers' default initializer_range
 VOCAB_INIT_TOP = 5000  # Lester et al. 2021 sample init tokens from the 5k most common ids
 
 
@@ -303,13 +304,13 @@ class PromptModel(nn.Module):
         """Trainable tensors: the prompt and, for the classifier head, a freshly seeded head."""
         self.check_length(length)
         params = {"prompt": self.init_prompt(length, init, generator, text)}
-        scale = getattr(self.backbone.config, "initializer_range", 0.02)
         for name, value in self.head_params().items():
-            # HF's own init of linear and norm layers: N(0, initializer_range) matrices, zero biases, unit norm scales
+            # HF's init of linear and norm layers at its default initializer_range: N(0, 0.02) matrices, zero biases,
+            # unit norm scales (a fixed 0.02, not the config's: tiny test models inflate theirs for their body only)
             if name.endswith("bias"):
                 params[name] = torch.zeros(value.shape)
             elif value.dim() == 1:
                 params[name] = torch.ones(value.shape)
             else:
-                params[name] = torch.randn(value.shape, generator=generator) * scale
+                params[name] = torch.randn(value.shape, generator=generator) * HEAD_INIT_STD
         return {k: v.to(self.device) for k, v in params.items()}

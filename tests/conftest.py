@@ -86,16 +86,28 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     vocab = len(WORDS)
     bert = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=256, pad_token_id=0,
+                                         intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
                                          initializer_range=0.3))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256,
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
                                       bos_token_id=3, eos_token_id=3, pad_token_id=0, initializer_range=0.3))
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
                                          bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=True,
                                          initializer_range=0.3))
+    _grow_positions(bert.bert.embeddings.position_embeddings, bert.config, "max_position_embeddings")
+    _grow_positions(gpt2.transformer.wpe, gpt2.config, "n_positions")
     return {"bert": _save(bert, "masked", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),
             "llama": _save(llama, "causal", root / "llama")}
+
+
+def _grow_positions(table, config, key: str, rows: int = 256) -> None:
+    """Room for a prompt plus the default 128 text tokens, drawn AFTER the model: every other random weight stays
+    that of the 128-position draw, on which the learning tests' thresholds were set."""
+    extra = torch.randn(rows - table.weight.shape[0], table.weight.shape[1],
+                        generator=torch.Generator().manual_seed(1)) * config.initializer_range
+    table.weight = torch.nn.Parameter(torch.cat([table.weight.data, extra]))
+    table.num_embeddings = rows
+    setattr(config, key, rows)
 
 
 # Every family the README lists, as a tiny random task model: (tokenizer kind, HF class, config class, config).

@@ -82,8 +82,8 @@ def _write(path, text):
 def test_cli_bad_input(tiny_dirs, toy_csv, tmp_path):
     base = ["-m", "ptp_core.train", "--task", toy_csv, "--out", str(tmp_path / "x"), "--steps", "1"]
     cases = {
-        "uncached hub id": (["--model", "nosuchmodel"], "cannot be fetched offline"),
-        "legacy hub id": (["--model", "roberta-base"], "'roberta-base' is neither a local folder nor in the Hugging"),
+        "legacy hub id, offline": (["--model", "roberta-base"], "'roberta-base' is neither a local folder nor in the "
+                                                                "Hugging Face cache, so it cannot be fetched offline"),
         "prompt too long": (["--model", tiny_dirs["bert"], "--prompt-len", "100000"], "exceed the 256 positions"),
         "unknown task": (["--model", tiny_dirs["bert"], "--task", "nosuchtask"], "task"),
         "prompt len": (["--model", tiny_dirs["bert"], "--prompt-len", "0"], "--prompt-len"),

@@ -29,6 +29,7 @@ from landscape.directions import KINDS, NORMS, Directions, input_directions, pro
 from landscape.surface import IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
 from ptp_core.checkpoint import Checkpoint
 from ptp_core.data import SPLITS, Split
+from ptp_core.io import to_json
 from ptp_core.model import Batch, PromptModel
 from ptp_core.train import DTYPES  # one name -> dtype table for training and evaluation
 
@@ -225,7 +226,7 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
             directions.d1["prompt"] = torch.as_tensor(surface.direction_1).to(model.device, torch.float32)
             directions.d2["prompt"] = torch.as_tensor(surface.direction_2).to(model.device, torch.float32)
         stored = {"direction_1": directions.d1["prompt"].cpu().numpy(), "direction_2": directions.d2["prompt"].cpu().numpy()}
-        info = {k: _json_safe(v) for k, v in directions.info.items()}
+        info = to_json(directions.info)
     else:
         input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order, dtype)
         info = {}
@@ -270,13 +271,6 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
         if path is not None and rank == 0:
             save_surface(surface, path)  # also on interruption: finished chunks are kept
     return surface
-
-
-def _json_safe(value):
-    """NaN/inf (e.g. an unconverged eigenvalue) become null: surface specs are strict JSON."""
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def _rank_and_world() -> tuple[int, int]:

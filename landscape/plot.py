@@ -14,6 +14,7 @@ from pathlib import Path
 
 from landscape import render
 from landscape.surface import Surface, load_surface, save_surface
+from ptp_core.io import write_text
 
 FIGURES = ("landscape_3d", "contour", "profiles", "difference")
 
@@ -103,11 +104,7 @@ def draw(surfaces: list[Surface], rows: list[dict], config: PlotConfig, metadata
             tables["Between methods: Welch t, Mann-Whitney U, effect sizes"] = [asdict(t) for t in compare_methods(rows)]
         html = report_html(report_surfaces, tables, metadata, zmin=config.zmin, zmax=config.zmax,
                            trajectories=trajectories or None)
-        target = config.out / "report.html"
-        tmp = target.with_suffix(".html.tmp")
-        tmp.write_text(html)
-        tmp.replace(target)
-        written.append(target)
+        written.append(write_text(config.out / "report.html", html))
     return written
 
 

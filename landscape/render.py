@@ -20,7 +20,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from landscape.surface import Surface, write_atomic
+from landscape.surface import Surface
+from ptp_core.io import write_atomic
 
 # Okabe & Ito (2008) colour-blind-safe palette; the three methods of the paper get fixed colours.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")

@@ -14,16 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.stats
+
+from ptp_core.io import write_json, write_text
 
 IDENTITY_KEYS = ("checkpoint", "method", "seed")
 # Columns tabulated but not analysed: row["cost"], row["settings"] and per-checkpoint uncertainties.
@@ -183,8 +182,7 @@ def _groups(rows: list[dict], metric: str) -> dict[str, list[float]]:
 
 def write_metrics_json(rows: list[dict], out_dir: str | Path) -> Path:
     """metrics.json: the per-checkpoint rows as given, indent=2, sort_keys, NaN/inf -> null."""
-    text = json.dumps(_json_safe(rows), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return _write_atomic(Path(out_dir) / "metrics.json", text)
+    return write_json(Path(out_dir) / "metrics.json", rows)
 
 
 def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
@@ -196,7 +194,7 @@ def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _cell(r.get(k)) for k in columns} for r in flat)
-    return _write_atomic(Path(out_dir) / "metrics.csv", buffer.getvalue())
+    return write_text(Path(out_dir) / "metrics.csv", buffer.getvalue())
 
 
 def write_metrics_md(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> Path:
@@ -207,7 +205,7 @@ def write_metrics_md(rows: list[dict], out_dir: str | Path, n_resamples: int = 1
         lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         parts.append("\n".join(lines))
-    return _write_atomic(Path(out_dir) / "metrics.md", "\n\n".join(parts) + "\n")
+    return write_text(Path(out_dir) / "metrics.md", "\n\n".join(parts) + "\n")
 
 
 def write_metrics_tex(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> Path:
@@ -220,7 +218,7 @@ def write_metrics_tex(rows: list[dict], out_dir: str | Path, n_resamples: int = 
                  "\\toprule", " & ".join(map(_tex, header)) + " \\\\", "\\midrule"]
         lines += [" & ".join(_tex(c) if c != "" else "" for c in cells) + " \\\\" for cells in body]
         parts.append("\n".join(lines + ["\\bottomrule", "\\end{tabular}"]))
-    return _write_atomic(Path(out_dir) / "metrics.tex", "\n\n".join(parts) + "\n")
+    return write_text(Path(out_dir) / "metrics.tex", "\n\n".join(parts) + "\n")
 
 
 def write_tables(rows: list[dict], out_dir: str | Path, n_resamples: int = 10000, seed: int = 0) -> dict[str, Path]:
@@ -271,27 +269,3 @@ def _tex(text: str) -> str:
             ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"), ("–", "--")]:
         text = text.replace(raw, escaped)
     return text
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
-    value = _plain(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value) if isinstance(value, Path) else value
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

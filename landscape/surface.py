@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ptp_core.io import dumps, write_atomic, write_text
 
 FORMAT = "ptp-landscape-surface/1"
 
@@ -144,19 +145,6 @@ def surface_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(path.name + ".npz"), path.with_name(path.name + ".json")
 
 
-def write_atomic(target: Path, write) -> None:
-    """Write via a temp file in the same folder, then rename, so readers never see half a file."""
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def save_surface(surface: Surface, path: str | os.PathLike) -> tuple[Path, Path]:
     """Write NAME.npz and NAME.json atomically; spec["points"] is set from the data. Returns both paths."""
     npz_path, json_path = surface_paths(path)
@@ -164,22 +152,12 @@ def save_surface(surface: Surface, path: str | os.PathLike) -> tuple[Path, Path]
     surface.spec = {**surface.spec, "format": FORMAT, "points": surface.points_done}
     arrays = {key: getattr(surface, key) for key in ARRAY_KEYS + DIRECTION_KEYS
               if getattr(surface, key) is not None}
-    text = json.dumps(surface.spec, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    text = dumps(surface.spec)
     # Arrays first: a crash between the two writes leaves a spec that under-reports points,
     # never one that claims data the npz lacks.
     write_atomic(npz_path, lambda stream: np.savez(stream, **arrays))
-    write_atomic(json_path, lambda stream: stream.write((text + "\n").encode()))
+    write_text(json_path, text)
     return npz_path, json_path
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"spec value {value!r} of type {type(value).__name__} is not JSON-serializable")
 
 
 def load_surface(path: str | os.PathLike) -> Surface:

@@ -10,28 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ptp_core.io import atomic_folder, file_mode, to_json, write_json, write_text
+
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-META, TRAJECTORY = "ptp.json", "trajectory.safetensors"
+META, TRAJECTORY, LOG = "ptp.json", "trajectory.safetensors", "metrics.jsonl"
 PROMPT_KEY = "prompt_embeddings"
 HEAD_PREFIX = "base_model."
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON (indent=2, sorted keys) atomically: a temp file beside it, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # PEFT's task type for (head, kind); a masked-LM verbalizer has none of its own
@@ -60,16 +50,11 @@ def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) 
 
 
 def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, trajectory: dict[str, Tensor] | None = None,
-                    backbone_config=None, overwrite: bool = True) -> Path:
-    """Write the checkpoint into a temp directory beside `out`, then rename it into place."""
+                    backbone_config=None, overwrite: bool = True, log: list[dict] | None = None) -> Path:
+    """Write the checkpoint folder as a whole (temp folder, then rename); `log` becomes metrics.jsonl."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         tensors = {PROMPT_KEY: params["prompt"].detach().float().cpu().contiguous()}
         tensors.update({HEAD_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in params.items() if k != "prompt"})
         save_file(tensors, tmp / ADAPTER_WEIGHTS)
@@ -77,15 +62,12 @@ def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, traj
         write_json(tmp / META, meta)
         if trajectory is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in trajectory.items()}, tmp / TRAJECTORY)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        if log is not None:
+            write_text(tmp / LOG, "".join(json.dumps(to_json(row), sort_keys=True) + "\n" for row in log))
+        for name in (ADAPTER_WEIGHTS, TRAJECTORY):
+            if (tmp / name).exists():
+                os.chmod(tmp / name, file_mode())
+    return Path(out)
 
 
 @dataclass

@@ -15,9 +15,11 @@ import json
 import math
 import statistics
 from dataclasses import replace
+from io import StringIO
 from pathlib import Path
 
 from ptp_core.checkpoint import META
+from ptp_core.io import write_text
 from ptp_core.train import TrainConfig, train
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
@@ -114,17 +116,12 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def write_summary(out: str | Path, rows: list[dict]) -> tuple[Path, Path]:
     """OUT/summary.csv and OUT/summary.md, each written to a temp file and renamed into place."""
-    out = Path(out)
-    paths = out / "summary.csv", out / "summary.md"
-    tmp = [p.with_name(f".{p.name}.tmp") for p in paths]
-    with open(tmp[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp[1].write_text(summary_markdown(rows))
-    for t, p in zip(tmp, paths):
-        t.replace(p)
-    return paths
+    buffer = StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(Path(out) / "summary.csv", buffer.getvalue()), \
+        write_text(Path(out) / "summary.md", summary_markdown(rows))
 
 
 def _int_list(text: str) -> list[int]:

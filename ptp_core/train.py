@@ -185,18 +185,10 @@ def train(config: TrainConfig) -> Path:
         "log": log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(steps_seen)}  # (S, P, D), (S,)
-    save_checkpoint(out, final, meta, trajectory, backbone.model.config, overwrite=True)
-    _write_log(out, log)
+    save_checkpoint(out, final, meta, trajectory, backbone.model.config, overwrite=True, log=log)
     if status != "complete":
         raise ValueError(f"{status} ({out})")
     return out
-
-
-def _write_log(out: Path, log: list[dict]) -> None:
-    """metrics.jsonl: one JSON object per logged step (training loss, lr, validation)."""
-    with open(out / "metrics.jsonl", "w") as f:
-        for row in log:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def add_arguments(p) -> None:

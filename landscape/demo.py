@@ -39,8 +39,12 @@ FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 3
 
 def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", progress: bool = True) -> Path:
     """Train, measure and draw; return the figures folder."""
-    from landscape import plot
-    from ptp_core.sweep import run_sweep, summarize, summary_markdown, write_summary
+    from landscape.grid import SurfaceSpec
+    from landscape.measure import MetricsConfig
+    from landscape.pipeline import compare, find_checkpoints
+    from landscape.plot import PlotConfig, draw
+    from landscape.stats import console_table
+    from ptp_core.sweep import run_sweep, summarize_runs, summary_markdown, write_summary
     from ptp_core.train import TrainConfig
 
     settings = QUICK if mode == "quick" else FULL
@@ -59,14 +63,17 @@ def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", p
                            test_examples=setting.test_examples,
                            device=device, progress=progress)
         run_sweep(base, METHODS, list(setting.seeds), runs)
-        rows = summarize(runs, METHODS, list(setting.seeds))
+        rows = summarize_runs(runs, METHODS, list(setting.seeds))
         write_summary(runs, rows)
         print(summary_markdown(rows), end="")
         print(f"training: {time.time() - started:.0f} s", flush=True)
         started = time.time()
-        plot.main([str(runs), "--out", str(out), "--space", "both", "--grid", setting.grid,
-                   "--examples", str(setting.examples), "--metric-examples", str(setting.metric_examples),
-                   "--metrics", setting.metrics, "--device", device] + ([] if progress else ["--no-progress"]))
+        spec = SurfaceSpec(grid=setting.grid, examples=setting.examples)
+        metrics = MetricsConfig(tuple(setting.metrics.split(",")), setting.metric_examples)
+        comparison = compare(find_checkpoints([runs]), spec, metrics, out, ("prompt", "input"), device=device,
+                             progress=progress)
+        draw(comparison, PlotConfig(out))
+        print(console_table(comparison.rows))
         print(f"landscapes and metrics: {time.time() - started:.0f} s")
         print(f"figures: {out}/landscape_3d.pdf, contour.pdf, profiles.pdf, report.html; "
               f"tables: {out}/metrics.md (.csv, .tex, .json); runs: {runs}/summary.md")

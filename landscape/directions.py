@@ -32,8 +32,8 @@ from torch import Tensor
 from ptp_core.model import Batch, PromptModel
 
 Params = dict[str, Tensor]
-KINDS = ("gradient", "random", "interp", "pca", "hessian")
-NORMS = ("filter", "layer", "none")
+DIRECTION_KINDS = ("gradient", "random", "interp", "pca", "hessian")
+NORMALIZATIONS = ("filter", "layer", "none")
 EPS = 1e-12  # rows whose norm is below this stay zero instead of dividing by ~0
 
 
@@ -83,8 +83,8 @@ def _orthogonalize_rows(direction: Tensor, against: Tensor) -> Tensor:
 
 
 def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"unknown normalization {norm!r}; use one of {', '.join(NORMS)}")
+    if norm not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {norm!r}; use one of {', '.join(NORMALIZATIONS)}")
 
 
 def normalize_direction(direction: Params, reference: Params, norm: str = "filter",
@@ -207,7 +207,7 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
     elif kind == "hessian":
         d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed)
     else:
-        raise ValueError(f"unknown direction kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown direction kind {kind!r}; use one of {', '.join(DIRECTION_KINDS)}")
     return Directions(kind, norm, seed, center, d1, d2, info)
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from landscape.directions import KINDS, NORMS, Directions, input_directions, prompt_directions
-from landscape.surface import IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
+from landscape.directions import DIRECTION_KINDS, NORMALIZATIONS, Directions, input_directions, prompt_directions
+from landscape.surface import SPEC_IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
 from ptp_core.checkpoint import Checkpoint
 from ptp_core.data import SPLITS, Split
 from ptp_core.io import to_json
@@ -40,7 +40,8 @@ CUDA_MEMORY_FRACTION = 0.6  # of free GPU memory; an out-of-memory error still h
 
 @dataclass
 class SurfaceSpec:
-    """What surface to compute. grid: "21" (a line along d1) or "21x31" (nx x ny); even counts get 0 added."""
+    """What surface to compute. grid: "21" (21 x 21), "21x31" (nx x ny) or "21x1" (a line along d1); an even
+    count gets 0 added."""
 
     space: str = "prompt"  # prompt: perturb the trained tensors; input: perturb text-token embeddings
     directions: str = "gradient"  # the paper's figure: x = gradient, y = a random orthogonal direction
@@ -59,16 +60,17 @@ class SurfaceSpec:
     def __post_init__(self):
         match = re.fullmatch(r"\s*(\d+)\s*(?:[x×]\s*(\d+))?\s*", str(self.grid))
         if not match or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
-            raise ValueError(f"grid {self.grid!r} is not a positive size; write e.g. --grid 21 (a line) or --grid 21x31")
-        self.shape = (int(match[1]), int(match[2]) if match[2] else 1)
+            raise ValueError(f"grid {self.grid!r} is not a positive size; write e.g. --grid 21 (21x21), --grid 21x31 "
+                             "or --grid 21x1 (a line)")
+        self.shape = (int(match[1]), int(match[2] or match[1]))
         if not self.span > 0:
             raise ValueError(f"span must be > 0, got {self.span}; e.g. --span 1.0")
         if self.examples is None or self.examples <= 0:
             raise ValueError(f"examples must be > 0, got {self.examples}; e.g. --examples 256")
         if self.batch_size <= 0 or (self.chunk is not None and self.chunk <= 0):
             raise ValueError(f"batch size and chunk must be > 0, got {self.batch_size} and {self.chunk}")
-        for name, value, allowed in (("space", self.space, ("prompt", "input")), ("directions", self.directions, KINDS),
-                                     ("norm", self.norm, NORMS), ("split", self.split, SPLITS),
+        for name, value, allowed in (("space", self.space, ("prompt", "input")), ("directions", self.directions, DIRECTION_KINDS),
+                                     ("norm", self.norm, NORMALIZATIONS), ("split", self.split, SPLITS),
                                      ("params", self.params, ("prompt", "all")), ("dtype", self.dtype, tuple(DTYPES))):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
@@ -78,6 +80,40 @@ class SurfaceSpec:
 
     def axes(self) -> tuple[np.ndarray, np.ndarray]:
         return grid_axis(self.shape[0], self.span), grid_axis(self.shape[1], self.span)
+
+
+# Help and allowed values of each SurfaceSpec field on the command line (landscape.grid and landscape.plot).
+SPEC_FLAGS = {
+    "space": ("prompt: perturb the trained tensors; input: each example's text-token embeddings", ("prompt", "input")),
+    "directions": ("x and y directions of the plane (input space: gradient only)", DIRECTION_KINDS),
+    "norm": ("direction normalization (filter: Li et al. 2018, per prompt token)", NORMALIZATIONS),
+    "grid": ("points per axis: 21 (21x21), 21x31, or 21x1 (a line)", None),
+    "span": ("axes run over [-span, span] in units of the normalized directions", None),
+    "examples": ("the first N examples of --split, the same for every checkpoint", None),
+    "split": ("which split the examples come from", SPLITS),
+    "params": ("prompt: the soft prompt only; all: the trained head too", ("prompt", "all")),
+    "seed": ("seed of random directions (recorded)", None),
+    "dtype": ("float32 for exact work; bfloat16 autocast (loss reduced in float32)", tuple(DTYPES)),
+    "batch_size": ("examples per forward, sorted by length", None),
+    "chunk": ("grid points per forward (default: from free memory)", None),
+}
+
+
+def add_surface_arguments(parser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per SurfaceSpec field (--batch-size for batch_size), typed, with its default, help and choices."""
+    defaults = SurfaceSpec()
+    for name, (help_text, choices) in SPEC_FLAGS.items():
+        if name in skip:
+            continue
+        default = getattr(defaults, name)
+        kind = {"span": float, "examples": int, "seed": int, "batch_size": int, "chunk": int}.get(name, str)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default, type=kind, choices=choices,
+                            help=f"{help_text} (default: {default})")
+
+
+def spec_from_args(args, **overrides) -> "SurfaceSpec":
+    """The SurfaceSpec of parsed add_surface_arguments flags (overrides win)."""
+    return SurfaceSpec(**{**{name: getattr(args, name) for name in SPEC_FLAGS if hasattr(args, name)}, **overrides})
 
 
 def grid_axis(count: int, span: float) -> np.ndarray:
@@ -208,7 +244,7 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
         surface = load_surface(path)
         if surface.spec.get("spec_hash") != spec_hash:
             if not overwrite:
-                changed = [k for k in IDENTITY_KEYS + tuple(setting) if surface.spec.get(k) != {**identity, **setting}.get(k)]
+                changed = [k for k in SPEC_IDENTITY_KEYS + tuple(setting) if surface.spec.get(k) != {**identity, **setting}.get(k)]
                 raise ValueError(f"{surface_paths(path)[0]} holds another surface (differs in {', '.join(changed) or 'spec'}); "
                                  "pass --overwrite to replace it or choose another --surface path")
             surface = None
@@ -300,7 +336,7 @@ def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: Surfac
         if len(checkpoints) not in (2, 3):
             raise ValueError(f"interp needs 2 checkpoints (a line) or 3 (a plane), got {len(checkpoints)}")
         if len(checkpoints) == 2 and spec.shape[1] > 1:
-            raise ValueError(f"two checkpoints give a line, not a {spec.grid} grid; use --grid {spec.shape[0]} "
+            raise ValueError(f"two checkpoints give a line, not a {spec.grid} grid; use --grid {spec.shape[0]}x1 "
                              "or pass a third checkpoint for a plane")
         for other in checkpoints[1:]:
             if other.meta.get("model") != first.meta.get("model") or \
@@ -337,21 +373,16 @@ def main(argv: list[str] | None = None) -> Surface:
     from ptp_core import cli
     from ptp_core.checkpoint import load_checkpoint
 
-    d = SurfaceSpec()
     p = cli.parser("python -m landscape.grid", "Compute (or resume) a loss surface file NAME.npz + NAME.json.")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--out", required=True, help="surface path NAME (NAME.npz and NAME.json are written)")
-    for flag, default, kind in (("space", d.space, str), ("directions", d.directions, str), ("norm", d.norm, str),
-                                ("grid", d.grid, str), ("span", d.span, float), ("examples", d.examples, int),
-                                ("split", d.split, str), ("params", d.params, str), ("seed", d.seed, int),
-                                ("dtype", d.dtype, str), ("batch-size", d.batch_size, int), ("chunk", None, int)):
-        p.add_argument(f"--{flag}", default=default, type=kind)
+    add_surface_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a surface file computed with another spec")
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
     args = p.parse_args(argv)
     cli.quiet_transformers()
-    spec = SurfaceSpec(**{k: getattr(args, k) for k in asdict(d) if k != "shape"})
+    spec = spec_from_args(args)
     device = cli.auto_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

@@ -15,12 +15,12 @@ from landscape.surface import Surface
 from ptp_core.data import Split
 from ptp_core.model import PromptModel
 
-KINDS = ("surface", "hessian", "trace", "sharpness", "input")
+METRIC_KINDS = ("surface", "hessian", "trace", "sharpness", "input")
 
 
 @dataclass
 class MetricsConfig:
-    which: tuple[str, ...] = KINDS
+    which: tuple[str, ...] = METRIC_KINDS
     examples: int = 32  # the first N evaluation examples: HVPs keep the whole graph in memory
     radius: float = 0.5  # surface metrics look at the disc |(alpha, beta)| <= radius (axes in direction units)
     tau: float = 0.1  # flat basin: loss within L0 + tau
@@ -38,9 +38,9 @@ class MetricsConfig:
 
     def __post_init__(self):
         self.which = tuple(self.which)
-        unknown = sorted(set(self.which) - set(KINDS))
+        unknown = sorted(set(self.which) - set(METRIC_KINDS))
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(KINDS)} (comma-separated)")
+            raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_KINDS)} (comma-separated)")
         for name in ("examples", "radius", "tau", "eigenvalues", "max_hvps", "trace_hvps", "rho", "sigma",
                      "ascent_steps", "input_eps"):
             if not getattr(self, name) > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import asdict
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -188,3 +189,14 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
 <h2>Metrics</h2>{table_sections or "<p>(no metrics)</p>"}
 </body></html>
 """
+
+
+def comparison_html(comparison, surfaces: Mapping[str, Surface], trajectories: Mapping[str, Sequence] | None = None,
+                    *, zmin: float | None = None, zmax: float | None = None) -> str:
+    """The report of a landscape.pipeline.Comparison: the given surfaces, its rows and its statistics."""
+    tables = {"Per checkpoint": [{k: v for k, v in r.items() if k not in ("cost", "settings", "flat_radius")}
+                                 for r in comparison.rows]}
+    if comparison.rows:
+        tables["Per method: mean, std, 95% bootstrap CI"] = [asdict(s) for s in comparison.stats.summaries]
+        tables["Between methods: Welch t, Mann-Whitney U, effect sizes"] = [asdict(t) for t in comparison.stats.tests]
+    return report_html(surfaces, tables, comparison.metadata, zmin=zmin, zmax=zmax, trajectories=trajectories or None)

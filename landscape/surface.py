@@ -37,7 +37,7 @@ SPEC_KEYS = (
     "seconds",         # wall time spent computing the grid
 )
 # Keys that define *which* surface this is: a resumed run must agree on all of them.
-IDENTITY_KEYS = tuple(k for k in SPEC_KEYS if k not in ("points", "seconds"))
+SPEC_IDENTITY_KEYS = tuple(k for k in SPEC_KEYS if k not in ("points", "seconds"))
 ARRAY_KEYS = ("alphas", "betas", "loss", "accuracy")
 DIRECTION_KEYS = ("direction_1", "direction_2")
 
@@ -137,6 +137,12 @@ def _shape_problem(surface: Surface) -> str | None:
     return None
 
 
+def same_directions(a: Surface, b: Surface) -> bool:
+    """True when both surfaces were computed on the very same direction arrays (e.g. random, --norm none)."""
+    return a.direction_1 is not None and b.direction_1 is not None and a.direction_1.shape == b.direction_1.shape \
+        and np.array_equal(a.direction_1, b.direction_1) and np.array_equal(a.direction_2, b.direction_2)
+
+
 def surface_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """NAME, NAME.npz or NAME.json -> (NAME.npz, NAME.json)."""
     path = Path(path)
@@ -199,7 +205,7 @@ def load_surface(path: str | os.PathLike) -> Surface:
     return surface
 
 
-def mismatched_keys(spec: dict, other: dict, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:
+def mismatched_keys(spec: dict, other: dict, keys: Sequence[str] = SPEC_IDENTITY_KEYS) -> list[str]:
     """Identity keys on which two specs disagree (empty: same landscape, safe to resume or average)."""
     return [key for key in keys if spec.get(key) != other.get(key)]
 

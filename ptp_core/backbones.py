@@ -23,7 +23,7 @@ DEFAULT_HEAD = {"minilm": "classifier", "smollm2": "verbalizer"}
 HEADS = ("classifier", "verbalizer")
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt_neox",
                 "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj")
-KINDS = ("masked", "causal", "seq2seq")
+MODEL_KINDS = ("masked", "causal", "seq2seq")
 
 
 @dataclass

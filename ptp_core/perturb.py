@@ -22,7 +22,7 @@ from ptp_core.model import Batch, PromptModel
 
 TARGETS = ("input", "prompt", "text")
 NOISES = ("gaussian", "uniform")
-NORMS = ("l2", "linf")
+BALL_NORMS = ("l2", "linf")
 REPLACEMENTS = ("mask", "unk", "pad")
 
 
@@ -45,7 +45,7 @@ class PerturbConfig:
 
     def __post_init__(self):
         for name, value, choices in (("target", self.target, TARGETS), ("noise", self.noise, NOISES),
-                                     ("adv-norm", self.adv_norm, NORMS), ("replacement", self.replacement, REPLACEMENTS)):
+                                     ("adv-norm", self.adv_norm, BALL_NORMS), ("replacement", self.replacement, REPLACEMENTS)):
             if value not in choices:
                 raise ValueError(f"unknown --{name} {value!r}; use one of {', '.join(choices)}")
         for name in ("reg_weight", "sigma", "epsilon", "rho", "adv_step_size", "adv_init"):

@@ -79,7 +79,7 @@ def validation_curve(meta: dict) -> dict[int, float]:
     return {row["step"]: row["validation_accuracy"] for row in meta.get("log", []) if "validation_accuracy" in row}
 
 
-def summarize(out: str | Path, methods: list[str], seeds: list[int]) -> list[dict]:
+def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> list[dict]:
     """One row per method over its complete runs (see SUMMARY_COLUMNS)."""
     rows = []
     for method in methods:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        rows = summarize(args.out, args.methods, args.seeds)
+        rows = summarize_runs(args.out, args.methods, args.seeds)
         csv_path, md_path = write_summary(args.out, rows)
         print(summary_markdown(rows), end="")
         print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")

@@ -20,7 +20,7 @@ from ptp_core.checkpoint import META, save_checkpoint
 from ptp_core.data import batch_indices, load_task
 from ptp_core.evaluate import encode_split, evaluate
 from ptp_core.model import PROMPT_INITS, PromptModel
-from ptp_core.perturb import NOISES, NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
+from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
 
 METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,6 +77,9 @@ class TrainConfig:
             self.head = default_head(self.model)
         if self.lr is None:
             self.lr = PROMPT_LR.get(self.head, PROMPT_LR["classifier"])
+        for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0 or not self.head_lr > 0:
             raise ValueError(f"--lr and --head-lr must be > 0, got {self.lr} and {self.head_lr}")
         if self.prompt_init not in PROMPT_INITS:
@@ -234,7 +237,7 @@ def add_arguments(p) -> None:
     g.add_argument("--epsilon", type=float, default=q.epsilon, help="ptp-adv input: relative radius of the ball")
     g.add_argument("--adv-step-size", type=float, default=q.adv_step_size, help="ascent step, fraction of the radius")
     g.add_argument("--adv-init", type=float, default=q.adv_init, help="random start, fraction of the radius")
-    g.add_argument("--adv-norm", default=q.adv_norm, choices=NORMS)
+    g.add_argument("--adv-norm", default=q.adv_norm, choices=BALL_NORMS)
     g.add_argument("--adv-free", default=q.adv_free, action=__import__("argparse").BooleanOptionalAction,
                    help="ptp-adv input: FreeLB, average the prompt's gradients over the K steps")
     g.add_argument("--rho", type=float, default=q.rho, help="ptp-adv prompt: relative radius of the prompt ball")

@@ -49,7 +49,8 @@ def test_grid_axis_contains_exact_zero():
         assert np.any(axis == 0.0) and np.all(np.diff(axis) > 0)
         assert count == 1 or (axis.min() == -0.7 and axis.max() == 0.7)
     assert grid_axis(4, 1.0).size == 5
-    assert SurfaceSpec(grid="21").shape == (21, 1) and SurfaceSpec(grid="21x31").shape == (21, 31)
+    assert SurfaceSpec(grid="21").shape == (21, 21) and SurfaceSpec(grid="21x31").shape == (21, 31)
+    assert SurfaceSpec(grid="21x1").shape == (21, 1)
 
 
 @pytest.mark.parametrize("fixture,params", [("tiny_gpt2_model", "prompt"), ("tiny_bert_model", "all"),
@@ -161,11 +162,11 @@ def test_bad_checkpoint_combinations(tiny_dirs, toy_csv, tmp_path):
     other = load_checkpoint(_checkpoint(tmp_path, tiny_dirs["llama"], toy_csv, "llama"))
     for pair in ([a, short], [a, other]):
         with pytest.raises(ValueError, match="different models or prompt shapes"):
-            compute_surface(pair, SurfaceSpec(directions="interp", grid="5", examples=4), progress=False)
+            compute_surface(pair, SurfaceSpec(directions="interp", grid="5x1", examples=4), progress=False)
     with pytest.raises(ValueError, match="trajectory"):
         compute_surface(a, SurfaceSpec(directions="pca", examples=4), progress=False)
-    with pytest.raises(ValueError, match="line"):
-        compute_surface([a, short], SurfaceSpec(directions="interp", grid="5x5", examples=4), progress=False)
+    with pytest.raises(ValueError, match="use --grid 5x1"):
+        compute_surface([a, short], SurfaceSpec(directions="interp", grid="5", examples=4), progress=False)
 
 
 def test_cli_bad_input_one_line_exit_2(tiny_dirs, toy_csv, tmp_path):

@@ -223,7 +223,7 @@ def test_estimator_results_make_a_design_metrics_row(tmp_path):
     import json
 
     from landscape.metrics import metrics_row, surface_metrics
-    from landscape.stats import metric_names, write_tables
+    from landscape.stats import metric_names, statistics, write_tables
 
     loss_fn, params = tiny_problem()
     axis = np.linspace(-1, 1, 5)
@@ -242,7 +242,7 @@ def test_estimator_results_make_a_design_metrics_row(tmp_path):
     names = metric_names([row])
     assert "hessian_eigenvalues_1" in names and "grid_sharpness" in names
     assert not any(n.startswith(("cost_", "settings_")) or n.endswith(("_stderr", "_ci_1")) for n in names)
-    written = json.loads(write_tables([row, dict(row, seed=1)], tmp_path, n_resamples=50)["json"].read_text())
+    written = json.loads(write_tables([row, dict(row, seed=1)], tmp_path, statistics([row, dict(row, seed=1)], n_resamples=50))["json"].read_text())
     assert written[0]["center_acc"] is None and written[0]["flat_radius"]["+x"] is None  # NaN / inf -> null
 
 

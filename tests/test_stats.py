@@ -14,6 +14,7 @@ from landscape.stats import (
     compare_methods,
     correlate,
     flatten_row,
+    statistics,
     summarize,
     write_metrics_json,
     write_tables,
@@ -99,7 +100,7 @@ def test_constant_groups_have_no_t_test():
 
 def test_writers(tmp_path):
     rows = make_rows()
-    paths = write_tables(rows, tmp_path / "out", n_resamples=200)
+    paths = write_tables(rows, tmp_path / "out", statistics(rows, n_resamples=200))
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["metrics.csv", "metrics.json", "metrics.md", "metrics.tex"]  # and no temp files
     text = paths["json"].read_text()

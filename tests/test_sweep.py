@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ptp_core.sweep import run_dir, run_sweep, summarize, write_summary
+from ptp_core.sweep import run_dir, run_sweep, summarize_runs, write_summary
 from ptp_core.train import TrainConfig
 
 FLAGS = dict(head="classifier", steps=4, batch_size=16, prompt_length=3, eval_every=2, eval_examples=8,
@@ -34,7 +34,7 @@ def test_interrupted_sweep_resumes_and_summary_matches_numpy(tiny_dirs, toy_csv,
         if key not in trained:
             assert (run_dir(tmp_path, *key) / "ptp.json").stat().st_mtime_ns == mtime
 
-    rows = summarize(tmp_path, methods, seeds)
+    rows = summarize_runs(tmp_path, methods, seeds)
     write_summary(tmp_path, rows)
     for row in rows:
         metas = [json.loads((run_dir(tmp_path, row["method"], s) / "ptp.json").read_text()) for s in seeds]

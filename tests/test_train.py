@@ -89,6 +89,7 @@ def test_cli_bad_input(tiny_dirs, toy_csv, tmp_path):
         "prompt len": (["--model", tiny_dirs["bert"], "--prompt-len", "0"], "--prompt-len"),
         "steps": (["--model", tiny_dirs["bert"], "--steps", "0"], "--steps"),
         "lr": (["--model", tiny_dirs["bert"], "--lr", "-1"], "--lr"),
+        "lr inf": (["--model", tiny_dirs["bert"], "--lr", "inf"], "--lr must be a finite number"),
         "empty file": (["--model", tiny_dirs["bert"], "--task", _write(tmp_path / "e.csv", "")], "empty"),
         "no label column": (["--model", tiny_dirs["bert"], "--task", _write(tmp_path / "n.csv", "text\nhi\n")],
                             "no label column"),

@@ -1,0 +1,189 @@
+"""Checkpoints -> surfaces, metric rows and statistics: what `landscape.plot`, the demo and notebooks call.
+
+    comparison = compare(find_checkpoints(["runs/"]), SurfaceSpec(grid="21"), MetricsConfig(), "figures/cmp")
+
+Every input is checked (checkpoints, tasks, specs) before anything is written; then one surface per
+checkpoint and space is computed or resumed under OUT/surfaces/, one metrics row per checkpoint is
+measured, and the statistics across checkpoints are computed once. Drawing is the caller's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from landscape.grid import SurfaceSpec
+from landscape.measure import MetricsConfig
+from landscape.stats import Statistics, statistics
+from landscape.surface import Surface, load_surface, save_surface
+
+SPACES = ("prompt", "input")
+
+
+@dataclass
+class Comparison:
+    """Surfaces keyed by (checkpoint, space), one metrics row per checkpoint, statistics computed once."""
+
+    surfaces: dict[tuple[str, str], Surface]
+    rows: list[dict]  # metrics.json rows; input-space numbers carry the input_ prefix
+    stats: Statistics
+    metadata: dict = field(default_factory=dict)
+
+    def row(self, checkpoint: str) -> dict:
+        return next((r for r in self.rows if r["checkpoint"] == checkpoint), {})
+
+    def metric(self, surface: Surface, name: str):
+        """The value of metric `name` for the checkpoint and space this very surface belongs to."""
+        space = surface.spec.get("space") or "prompt"
+        return self.row(surface.spec.get("checkpoint") or "").get(name if space == "prompt" else f"input_{name}")
+
+    def spaces(self) -> list[str]:
+        return list(dict.fromkeys(space for _, space in self.surfaces))
+
+    def by_method(self, space: str) -> dict[str, list[Surface]]:
+        """method -> its surfaces in `space`, ordered by seed (the first one represents the method)."""
+        groups: dict[str, list[Surface]] = {}
+        for (_, where), surface in self.surfaces.items():
+            if where == space:
+                groups.setdefault(surface.spec.get("method") or "checkpoint", []).append(surface)
+        for group in groups.values():
+            group.sort(key=lambda s: (s.spec.get("checkpoint_seed") is None, s.spec.get("checkpoint_seed") or 0))
+        return groups
+
+
+def find_checkpoints(paths: list[str | Path]) -> list[Path]:
+    """Checkpoint directories named directly or found below folders (e.g. runs/ from the sweep)."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; give checkpoint directories or folders of them")
+        if (path / "adapter_config.json").exists():
+            found.append(path)
+        else:
+            below = sorted(p.parent for p in path.rglob("adapter_config.json") if not p.parent.name.startswith("."))
+            if not below:
+                raise ValueError(f"{path} holds no checkpoint (no adapter_config.json below it)")
+            found.extend(below)
+    return list(dict.fromkeys(found))
+
+
+def run_label(meta: dict, path: Path) -> str:
+    """method-seedK for our runs, the folder name for anything else: names the surface files."""
+    return f"{meta.get('method', path.name)}-seed{meta['seed']}" if meta.get("seed") is not None else path.name
+
+
+def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray) -> list[list[float]]:
+    """Training snapshots (S, P, D) around the trained prompt center (P, D) as (alpha, beta) coordinates in the
+    surface's plane: the least-squares solution of [d1 d2] c = snapshot - center."""
+    basis = np.stack([surface.direction_1.ravel(), surface.direction_2.ravel()], axis=1)  # (P*D, 2)
+    offsets = (prompts - center).reshape(len(prompts), -1).T  # (P*D, S)
+    coords, *_ = np.linalg.lstsq(basis, offsets, rcond=None)  # (2, S)
+    return coords.T.round(6).tolist()
+
+
+def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
+            spaces: tuple[str, ...] = ("prompt",), *, device: str = "cpu", cache_dir: Path | None = None,
+            overwrite: bool = False, progress: bool = True) -> Comparison:
+    """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics."""
+    from ptp_core.checkpoint import load_checkpoint
+
+    if not checkpoints:
+        raise ValueError("no checkpoints to compare; give checkpoint directories or folders of them")
+    if unknown := [s for s in spaces if s not in SPACES]:
+        raise ValueError(f"unknown space {unknown[0]!r}; use prompt, input or both")
+    specs = {space: replace(spec, space=space, directions="gradient" if space == "input" else spec.directions)
+             for space in spaces}  # input space has per-example gradient directions only
+    loaded = [load_checkpoint(p) for p in checkpoints]
+    tasks = _tasks(loaded)  # every task loads before anything is written
+    groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
+    models = {}  # one backbone per model (checkpoints differ only in their params), all loaded before any writing
+    for group in groups:
+        key = _model_key(group[0].meta)
+        if key not in models:
+            models[key] = group[0].build_model(device, cache_dir=cache_dir)
+    surfaces, rows = {}, []
+    for group in groups:
+        checkpoint, meta = group[0], group[0].meta
+        model, examples = models[_model_key(meta)], tasks[meta["task"]].splits[spec.split]
+        mine = {space: _surface(group, specs[space], Path(out), model, examples, overwrite, progress)
+                for space in spaces}
+        surfaces.update({(str(checkpoint.path), space): s for space, s in mine.items()})
+        params = {k: v.to(model.device) for k, v in checkpoint.params.items()}
+        rows.append(_measure(model, params, examples, mine, metrics, checkpoint))
+    return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
+
+
+def from_surfaces(paths: list[str | Path]) -> Comparison:
+    """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness)."""
+    from landscape.metrics import metrics_row, surface_metrics
+
+    surfaces = {}
+    for path in paths:
+        surface = load_surface(path)
+        surfaces[(surface.spec.get("checkpoint") or str(path), surface.spec.get("space") or "prompt")] = surface
+    rows = {}
+    for (checkpoint, space), s in surfaces.items():
+        if min(s.shape) > 1 and s.points_done:
+            row = rows.setdefault(checkpoint, metrics_row(checkpoint, s.spec.get("method") or "checkpoint",
+                                                          s.spec.get("checkpoint_seed"), None))
+            values = surface_metrics(s.alphas, s.betas, s.loss, s.accuracy)
+            if space == "prompt":
+                row.update({k: v for k, v in values.to_dict().items() if k not in ("radius", "tau", "points_used")})
+            else:
+                row.update(input_grid_sharpness=values.grid_sharpness,
+                           input_curvature_eigenvalues=values.curvature_eigenvalues)
+    rows = list(rows.values())
+    return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
+
+
+def _model_key(meta: dict) -> tuple:
+    return meta["model"], meta["head"], tuple(meta.get("label_words") or ()), meta.get("template")
+
+
+def _tasks(checkpoints) -> dict:
+    from ptp_core.data import load_task
+
+    tasks = {}
+    for checkpoint in checkpoints:
+        meta = checkpoint.meta
+        if not meta.get("task"):
+            raise ValueError(f"{checkpoint.path} does not name its task in ptp.json; it cannot be evaluated here")
+        if meta["task"] not in tasks:
+            tasks[meta["task"]] = load_task(meta["task"], label_words=meta.get("label_words"),
+                                            label_names=meta.get("label_names"))
+    return tasks
+
+
+def _surface(group, spec: SurfaceSpec, out: Path, model, examples, overwrite: bool, progress: bool) -> Surface:
+    from landscape.grid import compute_surface
+
+    checkpoint = group[0]
+    path = out / "surfaces" / f"{run_label(checkpoint.meta, checkpoint.path)}-{spec.space}"
+    surface = compute_surface(group, spec, path, model=model, examples=examples, overwrite=overwrite,
+                              progress=progress)
+    if spec.space == "prompt" and spec.directions in ("pca", "interp") and checkpoint.trajectory is not None:
+        surface.spec["trajectory"] = project_trajectory(surface, checkpoint.trajectory["prompts"].numpy(),
+                                                       checkpoint.params["prompt"].numpy())
+        save_surface(surface, path)  # re-rendering from --surface draws the path too
+    return surface
+
+
+def _measure(model, params, examples, surfaces: dict[str, Surface], config: MetricsConfig, checkpoint) -> dict:
+    from landscape.measure import measure
+
+    meta = checkpoint.meta
+    return measure(model, params, examples, surfaces.get("prompt"), config, str(checkpoint.path),
+                   meta.get("method", "checkpoint"), meta.get("seed"), (meta.get("metrics") or {}).get("test_accuracy"),
+                   surfaces.get("input"))
+
+
+def _metadata(surfaces: list[Surface]) -> dict:
+    from datetime import date
+
+    spec = surfaces[0].spec if surfaces else {}
+    return {"model": spec.get("model"), "task": spec.get("task"), "directions": spec.get("directions"),
+            "normalization": spec.get("normalization"), "seed": spec.get("seed"), "split": spec.get("split"),
+            "examples": spec.get("examples"), "grid": "x".join(str(n) for n in surfaces[0].shape) if surfaces else "",
+            "checkpoints": sorted({str(s.spec.get("checkpoint")) for s in surfaces}), "date": date.today().isoformat()}

@@ -1,0 +1,108 @@
+"""landscape.pipeline: titles that state the metric of the surface under them, one grid meaning, clean refusals."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from landscape.grid import SurfaceSpec
+from landscape.measure import MetricsConfig
+from landscape.pipeline import compare, find_checkpoints, project_trajectory
+from landscape.plot import PlotConfig, figures
+from landscape.surface import Surface
+from ptp_core.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def four_runs(tiny_dirs, toy_csv, tmp_path_factory):
+    """Two methods x two seeds of tiny BERT."""
+    root = tmp_path_factory.mktemp("runs4")
+    for method in ("pt", "ptp-rn"):
+        for seed in (0, 1):
+            train(TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", method=method, seed=seed,
+                              out=str(root / method / f"seed{seed}"), steps=4, batch_size=16, prompt_length=3,
+                              eval_every=4, progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def comparison(four_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    spec = SurfaceSpec(grid="5", span=0.5, examples=8, directions="random")
+    return compare(find_checkpoints([four_runs]), spec, MetricsConfig(("surface",)), out, ("prompt", "input"),
+                   progress=False)
+
+
+def test_each_3d_title_states_the_metric_of_its_own_surface(comparison, tmp_path):
+    figs = figures(comparison, PlotConfig(tmp_path))
+    for space, key in (("prompt", "grid_sharpness"), ("input", "input_grid_sharpness")):
+        panels = [ax for ax in figs["landscape_3d" + ("" if space == "prompt" else "_input")].axes if ax.name == "3d"]
+        groups = comparison.by_method(space)
+        assert [ax.get_title().splitlines()[0] for ax in panels] == list(groups)
+        for ax, (method, surfaces) in zip(panels, groups.items()):
+            shown = float(re.search(r"grid sharpness (\S+)", ax.get_title())[1])  # read back from the figure
+            drawn = surfaces[0]  # the first seed's surface is the one drawn
+            assert drawn.spec["checkpoint_seed"] == 0 and drawn.spec["space"] == space
+            row = comparison.row(drawn.spec["checkpoint"])
+            assert shown == float(f"{row[key]:.3g}")
+            other = comparison.row(surfaces[1].spec["checkpoint"])[key]  # the other seed: a different number
+            assert f"{other:.3g}" != f"{row[key]:.3g}"
+
+
+def test_rows_and_surfaces_are_keyed_by_checkpoint_and_space(comparison):
+    assert len(comparison.rows) == 4 and len(comparison.surfaces) == 8
+    for (checkpoint, space), surface in comparison.surfaces.items():
+        assert surface.spec["checkpoint"] == checkpoint and surface.spec["space"] == space
+        assert surface.shape == (5, 5)
+    assert {s.method for s in comparison.stats.summaries} == {"pt", "ptp-rn"}
+
+
+def test_grid_n_means_n_by_n_in_every_command():
+    from landscape.grid import add_surface_arguments, spec_from_args
+    from landscape.plot import _parser
+    from ptp_core import cli
+
+    grid_parser = cli.parser("grid", "")
+    add_surface_arguments(grid_parser)
+    for parser, extra in ((grid_parser, {}), (_parser(), {"space": "prompt"})):
+        assert spec_from_args(parser.parse_args(["--grid", "7"]), **extra).shape == (7, 7)
+        assert spec_from_args(parser.parse_args(["--grid", "7x1"]), **extra).shape == (7, 1)
+
+
+def test_metrics_without_surface_still_draw(four_runs, tmp_path):
+    from landscape import plot
+
+    out = tmp_path / "hessian-only"
+    plot.main([str(four_runs / "pt"), "--out", str(out), "--grid", "3", "--examples", "4", "--metrics", "hessian",
+               "--metric-examples", "4", "--no-progress"])
+    assert (out / "landscape_3d.png").is_file()
+    rows = json.loads((out / "metrics.json").read_text())
+    assert all("grid_sharpness" not in r and len(r["hessian_eigenvalues"]) == 3 for r in rows)
+
+
+def test_a_refused_run_leaves_no_folder(four_runs, tmp_path):
+    from landscape import plot
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(four_runs / "pt" / "seed0", orphan)
+    meta = json.loads((orphan / "ptp.json").read_text())
+    del meta["task"]
+    (orphan / "ptp.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not name its task"):
+        plot.main([str(four_runs / "pt"), str(orphan), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_project_trajectory_recovers_plane_coordinates():
+    rng = np.random.default_rng(0)
+    d1, d2, center = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    surface = Surface.empty(np.zeros(1), np.zeros(1), {}, d1, d2)
+    coords = np.array([[0.0, 0.0], [0.5, -0.25], [-1.0, 2.0]])
+    prompts = np.stack([center + a * d1 + b * d2 for a, b in coords])  # (S, P, D) in the plane
+    np.testing.assert_allclose(project_trajectory(surface, prompts, center), coords, atol=1e-6)
+    off_plane = prompts + 0.1 * rng.normal(size=prompts.shape)  # least squares: the closest point in the plane
+    basis = np.stack([d1.ravel(), d2.ravel()], 1)
+    for (a, b), snapshot in zip(project_trajectory(surface, off_plane, center), off_plane):
+        residual = (snapshot - center).ravel() - basis @ np.array([a, b])
+        np.testing.assert_allclose(basis.T @ residual, 0.0, atol=1e-5)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         task = load_task("rotten_tomatoes")
         backbone = load_backbone(args.model, "classifier", task.num_labels, args.device)
         model = PromptModel(backbone, "classifier", task.num_labels)
-        model.params = model.init_params(20, "vocab", torch.Generator().manual_seed(0))
+        model = model.with_params(model.init_params(20, "vocab", torch.Generator().manual_seed(0)))
     examples = task.splits["test"].head(args.examples)
     spec = SurfaceSpec(directions="random", grid=f"{args.grid}x{args.grid}", span=args.span, examples=args.examples,
                        batch_size=args.our_batch_size, dtype=args.dtype)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                       for i in range(0, len(examples), args.batch_size)]  # the loop's batches: stored order
     directions = prompt_directions(model, model.params, batches, "random", "filter", 0)
     points = alphas.size * betas.size
-    chunk = args.chunk or auto_chunk(model, batches, points)
+    chunk = args.chunk or auto_chunk(model, batches, points, model.params["prompt"].shape[-2])
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32, device=model.device)
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32, device=model.device)
 

@@ -18,11 +18,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from landscape.directions import DIRECTION_KINDS, NORMALIZATIONS, Directions, input_directions, prompt_directions
@@ -144,13 +143,6 @@ def subset_hash(examples: Split) -> str:
 
 # ---- one chunk of grid points ------------------------------------------------------------------------
 
-def _scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example CE (the one loss's reduction='none') and correctness, both (G, B)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()  # (G*B, C)
-    losses = F.cross_entropy(flat, labels.repeat(logits.shape[0]), reduction="none").reshape(logits.shape[:2])
-    return losses, (logits.argmax(-1) == labels).float()
-
-
 @torch.inference_mode()
 def evaluate_points(model: PromptModel, batches: Sequence[Batch], order: Sequence[Sequence[int]],
                     alphas: Tensor, betas: Tensor, directions: Directions | None = None,
@@ -172,21 +164,20 @@ def evaluate_points(model: PromptModel, batches: Sequence[Batch], order: Sequenc
             shape = (-1, 1, 1, 1)
             delta = alphas.to(d1).reshape(shape) * d1 + betas.to(d1).reshape(shape) * d2  # (G, B, T, D)
         with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model.logits(stacked, batch, input_perturbation=delta)  # (G, B, C)
-        loss, hit = _scores(logits, batch.labels)
+            loss, hit = model.scores(stacked, batch, input_perturbation=delta)  # (G, B) each, CE in float32
         losses[:, rows] = loss.double().cpu().numpy()
         correct[:, rows] = hit.double().cpu().numpy()
     return losses.mean(axis=1), correct.mean(axis=1)
 
 
-def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int) -> int:
+def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int, prompt_length: int) -> int:
     """Grid points per forward that fit memory (CUDA: free memory; CPU: available RAM, token cap)."""
     config = model.backbone.config
     hidden = model.embedding_dim
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     rows = max(len(b) for b in batches)
-    tokens = max(b.input_ids.shape[1] for b in batches) + model.params["prompt"].shape[-2]
+    tokens = max(b.input_ids.shape[1] for b in batches) + prompt_length  # the prompt being evaluated
     # live activations of one layer, x3 for temporaries: (B, L, inner + 4 H) and the (B, heads, L, L) scores
     per_point = 3 * 4 * rows * tokens * (inner + 4 * hidden + heads * tokens)
     if model.device.type == "cuda":
@@ -218,44 +209,78 @@ def params_hash(params: dict[str, Tensor]) -> str:
     return Checkpoint(Path("."), params, {}).content_hash()
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a sharded grid: chunks rank, rank + world, ...; `gather` all-gathers one Python
+    object from every rank (torch.distributed.all_gather_object), None in a single process."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[object], list] | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world or (self.world > 1 and self.gather is None):
+            raise ValueError(f"shard rank {self.rank} of {self.world} needs 0 <= rank < world and a gather function")
+
+
 def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: Split, spec: SurfaceSpec,
                        path: str | Path | None = None, *, others: Sequence[dict[str, Tensor]] = (),
                        trajectory: dict | None = None, metadata: dict | None = None, overwrite: bool = False,
-                       progress: bool = True, save_every: float = 5.0) -> Surface:
+                       progress: bool = True, save_every: float = 5.0, shard: Shard = Shard()) -> Surface:
     """The surface of `spec` around params on `examples`; saved to (and resumed from) `path` if given.
 
-    Under torch.distributed the chunks are dealt to ranks round-robin and gathered after every round;
+    With a Shard of world > 1 the chunks are dealt to ranks round-robin and gathered after every round;
     every rank returns the full surface, rank 0 writes the file.
     """
     examples = examples.head(spec.examples)
-    dtype = DTYPES[spec.dtype]
-    alphas, betas = spec.axes()
     identity = {"checkpoint_hash": params_hash(params), "space": spec.space, "directions": spec.directions,
                 "normalization": "none" if spec.directions == "interp" else spec.norm, "seed": spec.seed,
                 "split": spec.split, "subset_hash": subset_hash(examples), "model": model.model_name,
                 "dtype": spec.dtype}
     setting = {"grid": list(spec.shape), "span": spec.span, "examples": len(examples), "params": spec.params,
                "others": [params_hash(p) for p in others]}
-    spec_hash = hashlib.sha256(json.dumps({**identity, **setting}, sort_keys=True).encode()).hexdigest()[:16]
-    rank, world = _rank_and_world()
-
-    surface = None
-    if path is not None and surface_paths(path)[0].exists() and surface_paths(path)[1].exists():
-        surface = load_surface(path)
-        if surface.spec.get("spec_hash") != spec_hash:
-            if not overwrite:
-                changed = [k for k in SPEC_IDENTITY_KEYS + tuple(setting) if surface.spec.get(k) != {**identity, **setting}.get(k)]
-                raise ValueError(f"{surface_paths(path)[0]} holds another surface (differs in {', '.join(changed) or 'spec'}); "
-                                 "pass --overwrite to replace it or choose another --surface path")
-            surface = None
-        elif surface.is_complete:
-            return surface
-
+    surface = _resume(path, {**identity, **setting}, overwrite)
+    if surface is not None and surface.is_complete:
+        return surface
     batches, order = encode_examples(model, examples, spec.batch_size)
-    names = list(params) if spec.params == "all" else ["prompt"]
     params = {k: v.to(model.device) for k, v in params.items()}
-    directions, input_pairs, stored = None, None, {}
+    evaluate, stored, info = _evaluator(model, params, batches, order, spec, surface, others, trajectory)
+    if surface is None:
+        alphas, betas = spec.axes()
+        surface = Surface.empty(alphas, betas, {**identity, **setting, **(metadata or {}),
+                                                "spec_hash": _spec_hash({**identity, **setting}),
+                                                "direction_info": info, "batch_size": spec.batch_size}, **stored)
+    chunk = spec.chunk or auto_chunk(model, batches, surface.loss.size, params["prompt"].shape[-2])
+    if shard.world > 1:  # every rank must cut the grid the same way
+        chunk = min(c for (c,) in shard.gather((chunk,)))
+    _fill(surface, evaluate, chunk, shard, path, progress, save_every, spec.space)
+    return surface
+
+
+def _spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume(path: str | Path | None, spec: dict, overwrite: bool) -> Surface | None:
+    """The saved surface at path if it was computed with this spec; None to start afresh."""
+    if path is None or not all(p.exists() for p in surface_paths(path)):
+        return None
+    surface = load_surface(path)
+    if surface.spec.get("spec_hash") == _spec_hash(spec):
+        return surface
+    if not overwrite:
+        changed = [k for k in dict.fromkeys(SPEC_IDENTITY_KEYS + tuple(spec)) if surface.spec.get(k) != spec.get(k)]
+        raise ValueError(f"{surface_paths(path)[0]} holds another surface (differs in {', '.join(changed) or 'spec'}); "
+                         "pass --overwrite to replace it or choose another --surface path")
+    return None
+
+
+def _evaluator(model, params, batches, order, spec: SurfaceSpec, surface: Surface | None, others, trajectory):
+    """evaluate(alphas, betas) -> (loss, accuracy) at those points; the direction arrays to store; their info."""
+    dtype = DTYPES[spec.dtype]
+    directions, input_pairs, stored, info = None, None, {}, {}
     if spec.space == "prompt":
+        names = list(params) if spec.params == "all" else ["prompt"]
         directions = prompt_directions(model, params, batches, spec.directions, spec.norm, spec.seed, names,
                                        [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory, dtype)
         if surface is not None and surface.direction_1 is not None:  # resume exactly on the saved directions
@@ -265,59 +290,50 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
         info = to_json(directions.info)
     else:
         input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order, dtype)
-        info = {}
-    if surface is None:
-        surface = Surface.empty(alphas, betas, {**identity, **setting, **(metadata or {}), "spec_hash": spec_hash,
-                                                "direction_info": info, "batch_size": spec.batch_size}, **stored)
 
-    total = alphas.size * betas.size
-    chunk = spec.chunk or auto_chunk(model, batches, total)
-    if world > 1:  # every rank must cut the grid the same way
-        chunk = min(_all_gather((chunk,))[r][0] for r in range(world))
-    done = surface.done.reshape(-1)
+    def evaluate(alphas: Tensor, betas: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return evaluate_points(model, batches, order, alphas.to(model.device), betas.to(model.device), directions,
+                               params, input_pairs, dtype)
+    return evaluate, stored, info
+
+
+def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: bool, save_every: float,
+          label: str) -> None:
+    """Evaluate the missing points chunk by chunk (this shard's chunks), saving every save_every seconds."""
+    from tqdm.auto import tqdm
+
+    alphas, betas = surface.alphas, surface.betas
+    total, done = surface.loss.size, surface.done.reshape(-1)
+    # a chunk's composition never depends on what is done: resumed and sharded runs repeat the same arithmetic
     chunks = [np.arange(s, min(s + chunk, total)) for s in range(0, total, chunk)]
     chunks = [c[~done[c]] for c in chunks if not done[c].all()]
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32)  # (nx*ny,) row-major
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32)
-
-    def evaluate(a: Tensor, b: Tensor):
-        return evaluate_points(model, batches, order, a.to(model.device), b.to(model.device), directions,
-                               params, input_pairs, dtype)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{spec.space} surface",
-               disable=not progress or rank != 0)
+    writer = path is not None and shard.rank == 0
+    bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{label} surface",
+               disable=not progress or shard.rank != 0)
     started, last_save, seconds = time.time(), time.time(), float(surface.spec.get("seconds") or 0.0)
     try:
-        for start in range(0, len(chunks), world):
-            mine = chunks[start + rank] if start + rank < len(chunks) else np.arange(0)
+        for start in range(0, len(chunks), shard.world):
+            mine = chunks[start + shard.rank] if start + shard.rank < len(chunks) else np.arange(0)
             result = _evaluate_chunk(evaluate, grid_a[mine], grid_b[mine]) if len(mine) else (np.zeros(0), np.zeros(0))
-            pieces = _all_gather((mine, *result)) if world > 1 else [(mine, *result)]
-            for index, loss, accuracy in pieces:
+            for index, loss, accuracy in shard.gather((mine, *result)) if shard.world > 1 else [(mine, *result)]:
                 surface.loss.reshape(-1)[index] = loss
                 surface.accuracy.reshape(-1)[index] = accuracy
                 bar.update(len(index))
-            if path is not None and rank == 0 and time.time() - last_save >= save_every:
+            if writer and time.time() - last_save >= save_every:
                 surface.spec["seconds"] = round(seconds + time.time() - started, 3)
                 save_surface(surface, path)
                 last_save = time.time()
     finally:
         bar.close()
         surface.spec["seconds"] = round(seconds + time.time() - started, 3)
-        if path is not None and rank == 0:
+        if writer:
             save_surface(surface, path)  # also on interruption: finished chunks are kept
-    return surface
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_gather(item) -> list:
+    """torch.distributed's all_gather_object: the Shard gather of a torchrun process."""
     import torch.distributed as dist
 
     out = [None] * dist.get_world_size()
@@ -328,7 +344,7 @@ def _all_gather(item) -> list:
 def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: SurfaceSpec, path: str | Path | None = None,
                     *, model: PromptModel | None = None, examples: Split | None = None, device: str = "cpu",
                     cache_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
-                    save_every: float = 5.0) -> Surface:
+                    save_every: float = 5.0, shard: Shard = Shard()) -> Surface:
     """The surface of `spec` around the first checkpoint (interp: through all of them), saved to `path`."""
     checkpoints = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
     first = checkpoints[0]
@@ -363,7 +379,7 @@ def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: Surfac
                 "checkpoint_seed": first.meta.get("seed")}
     return surface_for_params(model, first.params, examples, spec, path, others=[c.params for c in checkpoints[1:]],
                               trajectory=first.trajectory, metadata=metadata, overwrite=overwrite,
-                              progress=progress, save_every=save_every)
+                              progress=progress, save_every=save_every, shard=shard)
 
 
 def main(argv: list[str] | None = None) -> Surface:
@@ -383,18 +399,19 @@ def main(argv: list[str] | None = None) -> Surface:
     args = p.parse_args(argv)
     cli.quiet_transformers()
     spec = spec_from_args(args)
-    device = cli.auto_device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    device, shard = cli.auto_device(args.device), Shard()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this rank's share, gathered after every round
         import torch.distributed as dist
 
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        shard = Shard(dist.get_rank(), dist.get_world_size(), _all_gather)
     try:
         checkpoints = [load_checkpoint(c) for c in args.checkpoints]
         return compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
-                               overwrite=args.overwrite, progress=args.progress)
+                               overwrite=args.overwrite, progress=args.progress, shard=shard)
     finally:
         cli.end_distributed()
 

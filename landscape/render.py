@@ -37,7 +37,7 @@ STYLES = {
 DIRECTION_LABELS = {
     "gradient": ("gradient direction", "orthogonal direction"),
     "random": ("random direction 1", "random direction 2"),
-    "interp": ("initial → trained", "orthogonal direction"),
+    "interp": ("first → second checkpoint", "first → third checkpoint"),
     "pca": ("trajectory PC 1", "trajectory PC 2"),
     "hessian": ("top Hessian eigenvector", "2nd Hessian eigenvector"),
 }

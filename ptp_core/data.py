@@ -10,7 +10,7 @@ import csv
 import importlib.util
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
@@ -44,7 +44,6 @@ class Task:
     splits: dict[str, Split]
     template: str = DEFAULT_TEMPLATE
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.label_words) != len(self.label_names):

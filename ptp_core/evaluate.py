@@ -24,9 +24,9 @@ def evaluate(model: PromptModel, params: dict[str, Tensor], batches: list[Batch]
         batches = encode_split(model, batches, batch_size)
     total_loss, correct, n = 0.0, 0, 0
     for batch in batches:
-        logits = model.logits(params, batch).float()  # (B, C)
-        total_loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == batch.labels).sum().item()
+        loss, hit = model.scores(params, batch)  # (B,), (B,)
+        total_loss += loss.sum().item()
+        correct += int(hit.sum().item())
         n += len(batch)
     return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
 

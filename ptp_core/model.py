@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,6 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index) -> "Batch":
-        return Batch(self.input_ids[index], self.attention_mask[index], self.text_mask[index],
-                     self.answer_index[index], self.labels[index])
 
 
 class _Replay(nn.Module):
@@ -77,6 +75,13 @@ def _slice_output(output, start: int, stop: int):
     return type(output)(**{k: v[start:stop] if isinstance(v, Tensor) else v for k, v in output.items()})
 
 
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """CE per example, reduced in float32 whatever the forward's dtype: (B, C) -> (B,), (G, B, C) -> (G, B)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # (G*B, C)
+    return F.cross_entropy(flat, labels.repeat(flat.shape[0] // labels.shape[0]), reduction="none").reshape(
+        logits.shape[:-1])
+
+
 class PromptModel(nn.Module):
     """Frozen backbone + soft prompt + classifier or verbalizer head."""
 
@@ -107,7 +112,7 @@ class PromptModel(nn.Module):
             self.register_buffer("label_ids", self._label_word_ids(), persistent=False)
             if self.kind == "masked" and self.tokenizer.mask_token is None:
                 raise ValueError(f"{self.model_name} has no mask token for a masked-LM verbalizer")
-        self.params = params or {}
+        self._params = MappingProxyType(dict(params or {}))  # read-only: trainable tensors are passed in
 
     # ---- shapes and names -------------------------------------------------------------------
     @property
@@ -119,8 +124,15 @@ class PromptModel(nn.Module):
         return self.backbone.get_input_embeddings().weight.shape[1]
 
     @property
-    def prompt_length(self) -> int:
-        return self.params["prompt"].shape[-2]
+    def params(self) -> MappingProxyType:
+        """The tensors this model was built with (a checkpoint's), used by predict when none are passed."""
+        return self._params
+
+    def with_params(self, params: dict[str, Tensor]) -> "PromptModel":
+        """The same frozen backbone holding other default params (nothing is copied or mutated)."""
+        other = copy.copy(self)
+        other.__dict__["_params"] = MappingProxyType(dict(params))
+        return other
 
     def head_params(self) -> dict[str, Tensor]:
         """The classifier head's tensors as loaded, named as in the HF model (classifier.dense.weight, score.weight)."""
@@ -198,18 +210,16 @@ class PromptModel(nn.Module):
         return self.backbone.get_input_embeddings()(batch.input_ids)
 
     # ---- the one loss -----------------------------------------------------------------------
-    def logits(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None,
-               inputs_embeds: Tensor | None = None) -> Tensor:
+    def logits(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
         """Class logits (B, C), or (G, B, C) when params["prompt"] is stacked (G, P, D)."""
         prompt = params["prompt"]
         stacked = prompt.dim() == 3 or (input_perturbation is not None and input_perturbation.dim() == 4)
         prompt = prompt if prompt.dim() == 3 else prompt.unsqueeze(0)  # (G, P, D)
-        embeds = self.embed(batch) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        embeds = embeds if embeds.dim() == 4 else embeds.unsqueeze(0)  # (Ge, B, T, D)
+        embeds = self.embed(batch).unsqueeze(0)  # (1, B, T, D)
         if input_perturbation is not None:
             mask = batch.text_mask.unsqueeze(-1).to(embeds.dtype)  # (B, T, 1)
             delta = input_perturbation if input_perturbation.dim() == 4 else input_perturbation.unsqueeze(0)
-            embeds = embeds + delta * mask  # (Ge, B, T, D)
+            embeds = embeds + delta * mask  # (Ge, B, T, D): Ge input perturbations
         groups = max(prompt.shape[0], embeds.shape[0])
         size, width = batch.input_ids.shape
         prompt = prompt.to(embeds.dtype).unsqueeze(1).expand(groups, size, -1, -1)  # (G, B, P, D)
@@ -262,18 +272,20 @@ class PromptModel(nn.Module):
             return out.logits  # (N, C)
         return out.logits[:, -1, self.label_ids]  # (N, C): the label words at the answer position
 
-    def loss(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None,
-             inputs_embeds: Tensor | None = None) -> Tensor:
+    def loss(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
         """Per-example cross-entropy (B,), or (G, B) for stacked params."""
-        logits = self.logits(params, batch, input_perturbation, inputs_embeds)
-        flat = logits.reshape(-1, self.num_labels).float()  # (G*B, C)
-        labels = batch.labels.repeat(flat.shape[0] // batch.labels.shape[0])
-        return F.cross_entropy(flat, labels, reduction="none").reshape(logits.shape[:-1])
+        return _cross_entropy(self.logits(params, batch, input_perturbation), batch.labels)
+
+    def scores(self, params: dict[str, Tensor], batch: Batch,
+               input_perturbation: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example cross-entropy and correctness (float 0/1), each (B,) or (G, B): one forward for both."""
+        logits = self.logits(params, batch, input_perturbation)
+        return _cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).float()
 
     @torch.inference_mode()
     def predict(self, texts: list[str], params: dict[str, Tensor] | None = None, batch_size: int = 64) -> Tensor:
         """(N, C) class logits with the template applied."""
-        params = params or self.params
+        params = params if params is not None else self.params
         parts = [self.logits(params, self.encode(texts[i:i + batch_size])).float()
                  for i in range(0, len(texts), batch_size)]
         return torch.cat(parts).cpu()

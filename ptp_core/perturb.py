@@ -31,11 +31,11 @@ class PerturbConfig:
     target: str = "input"
     reg_weight: float = 1.0  # lam: clean and perturbed CE weigh the same, as in PTP
     noise: str = "gaussian"
-    sigma: float = 1.0  # noise RMS / embedding RMS; BERT shrugs off less (notes/ptp_defaults.md)
+    sigma: float = 1.0  # noise RMS / embedding RMS; BERT shrugs off less (README, Limits: strength calibration)
     mask_rate: float = 0.15  # BERT's masking rate; a fraction of the text tokens
     replacement: str = "mask"  # falls back to unk, then pad, for tokenizers without a mask token
     adv_steps: int = 1  # K ascent steps; K=1 keeps the cost near 2x pt
-    epsilon: float = 0.01  # relative radius of the input ball; one step raises CE ~1.4x (notes/ptp_defaults.md)
+    epsilon: float = 0.01  # relative radius of the input ball; one step raises CE ~1.4x (README, Limits)
     adv_step_size: float = 1.0  # ascent step as a fraction of the radius; 1.0 with K=1 is FGSM from the random start
     adv_init: float = 0.5  # random start at this fraction of the radius (Madry et al. 2018 start inside the ball)
     adv_norm: str = "l2"

@@ -62,7 +62,6 @@ class TrainConfig:
     cache_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form, recorded in ptp.json
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # ptp-rn / ptp-adv only; pt ignores it
 
     def __post_init__(self):

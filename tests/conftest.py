@@ -181,7 +181,7 @@ def build_model(model_dir: str, head: str, seed: int = 0, prompt_length: int = 4
     backbone = load_backbone(model_dir, head, num_labels=2)
     model = PromptModel(backbone, head, 2, label_words=["negative", "positive"],
                         template="{text} It was {mask}." if head == "verbalizer" else "{text}")
-    model.params = model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed))
+    model = model.with_params(model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed)))
     return model
 
 

@@ -21,7 +21,7 @@ def build(directory: str, head: str, seed: int = 0, prompt_length: int = 3):
 
     model = PromptModel(load_backbone(directory, head, num_labels=2), head, 2, LABEL_WORDS,
                         "{text} It was {mask}." if head == "verbalizer" else "{text}")
-    model.params = model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed))
+    model = model.with_params(model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed)))
     return model
 
 

@@ -119,3 +119,15 @@ def test_backbone_is_frozen(tiny_bert_model, tiny_batch_texts):
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
     assert all(v.grad is not None for v in params.values())
     assert not model.backbone.training
+
+
+def test_params_are_read_only_and_with_params_copies_nothing(tiny_bert_model):
+    model = tiny_bert_model
+    with pytest.raises(TypeError):
+        model.params["prompt"] = torch.zeros(1)
+    with pytest.raises(AttributeError):
+        model.params = {}
+    other = model.with_params({k: v + 1 for k, v in model.params.items()})
+    assert other.backbone is model.backbone and not torch.equal(other.params["prompt"], model.params["prompt"])
+    texts = ["good movie", "dull plot"]
+    torch.testing.assert_close(other.predict(texts), model.predict(texts, params=dict(other.params)))

@@ -28,11 +28,13 @@ class MetricsConfig:
     eigen_tol: float = 1e-4
     max_hvps: int = 200
     trace_hvps: int = 30  # Hutch++ (Meyer et al. 2021): a third sketches the top subspace
-    rho: float = 0.05  # worst-case ball radius, relative to the norm of the trained tensors
-    sigma: float = 0.01  # average-case noise std, relative to the RMS of the trained tensors
+    # measurement radii say their unit in their name (training's --rho/--sigma/--epsilon are relative to the
+    # embedding table's RMS instead: ptp_core.perturb)
+    rho_of_norm: float = 0.05  # worst-case ball radius as a fraction of ||theta||, the trained tensors' norm
+    sigma_of_rms: float = 0.01  # average-case noise std as a fraction of the RMS of the trained tensors
     samples: int = 20
     ascent_steps: int = 10
-    input_eps: float = 0.05  # input-space ball radius, relative to each example's text-embedding norm
+    input_eps_of_norm: float = 0.05  # input-space ball radius as a fraction of each example's text-embedding norm
     params: str = "prompt"  # prompt: the soft prompt only; all: the head too
     seed: int = 0
 
@@ -41,8 +43,8 @@ class MetricsConfig:
         unknown = sorted(set(self.which) - set(METRIC_KINDS))
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_KINDS)} (comma-separated)")
-        for name in ("examples", "radius", "tau", "eigenvalues", "max_hvps", "trace_hvps", "rho", "sigma",
-                     "ascent_steps", "input_eps"):
+        for name in ("examples", "radius", "tau", "eigenvalues", "max_hvps", "trace_hvps", "rho_of_norm",
+                     "sigma_of_rms", "ascent_steps", "input_eps_of_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"metric setting {name} must be > 0, got {getattr(self, name)}")
         if self.samples < 2:
@@ -86,14 +88,14 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Spli
     if "trace" in config.which:
         out["trace"] = hessian.hutchpp(loss_fn, trainable, config.trace_hvps, config.seed)
     if "sharpness" in config.which:
-        out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, trainable, config.rho * float(flat.norm()),
+        out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, trainable, config.rho_of_norm * float(flat.norm()),
                                                          config.ascent_steps, seed=config.seed)
         rms = float(flat.pow(2).mean().sqrt())
-        out["average"] = sharpness.average_sharpness(loss_fn, trainable, config.sigma * rms, config.samples, config.seed)
+        out["average"] = sharpness.average_sharpness(loss_fn, trainable, config.sigma_of_rms * rms, config.samples, config.seed)
     if "input" in config.which:
         loss_input, embeddings, mask = sharpness.input_space_closure(model, params, batch)
-        out["input_worst_case"] = sharpness.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps,
+        out["input_worst_case"] = sharpness.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps_of_norm,
                                                                      config.ascent_steps, seed=config.seed)
-        out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.input_eps,
+        out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.input_eps_of_norm,
                                                                config.samples, config.seed)
     return out

@@ -70,12 +70,15 @@ def test_same_seed_same_directions_bitwise(tiny_gpt2_model, kind):
     assert (first.kind, first.norm, first.seed) == (kind, "filter", 7)
 
 
-def test_normalize_filter_keeps_zero_rows_zero():
-    reference = {"prompt": torch.randn(3, 4)}
-    direction = {"prompt": torch.randn(3, 4)}
+def test_normalize_filter_keeps_zero_rows_zero_and_matches_row_norms():
+    generator = torch.Generator().manual_seed(0)
+    reference = {"prompt": torch.randn(3, 4, generator=generator)}
+    direction = {"prompt": torch.randn(3, 4, generator=generator)}
     direction["prompt"][1] = 0
     out = normalize_direction(direction, reference, "filter")["prompt"]
     assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+    for row in (0, 2):  # Li et al. 2018: each filter (prompt token) gets the norm of the reference's
+        torch.testing.assert_close(out[row].norm(), reference["prompt"][row].norm())
 
 
 def test_interp_and_pca_directions(tiny_bert_model):

@@ -43,12 +43,15 @@ def test_verbalizer_training_on_causal_lm(tiny_dirs, toy_csv, tmp_path):
     assert load_checkpoint(out).meta["head"] == "verbalizer"
 
 
-def test_default_prompt_lr_follows_the_head():
+def test_auto_head_follows_the_model_and_the_lr_follows_the_head(family_dirs):
     from ptp_core.train import PROMPT_LR
 
-    assert TrainConfig(model="smollm2").lr == PROMPT_LR["verbalizer"] == 3e-3  # resolved head: verbalizer
-    assert TrainConfig(model="minilm").lr == PROMPT_LR["classifier"] == 3e-2
-    assert TrainConfig(model="minilm", head="verbalizer").lr == 3e-3
+    for model, head in (("smollm2", "verbalizer"), ("minilm", "classifier"), (family_dirs["t5"], "verbalizer"),
+                        (family_dirs["bart"], "verbalizer"), (family_dirs["roberta"], "classifier"),
+                        (family_dirs["qwen2"], "classifier")):
+        config = TrainConfig(model=model)
+        assert (config.head, config.lr) == (head, PROMPT_LR[head]), model
+    assert TrainConfig(model="minilm", head="verbalizer").lr == PROMPT_LR["verbalizer"]  # an explicit head
     assert TrainConfig(model="smollm2", lr=0.1).lr == 0.1  # an explicit value wins
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,7 +30,7 @@ from ptp_core.checkpoint import Checkpoint
 from ptp_core.data import SPLITS, Split
 from ptp_core.io import to_json
 from ptp_core.model import Batch, PromptModel
-from ptp_core.train import DTYPES  # one name -> dtype table for training and evaluation
+from ptp_core.backbones import DTYPE_CHOICES, DTYPES, resolve_dtype
 
 CPU_TOKENS_PER_FORWARD = 1 << 15  # CPU FLOP/s stops growing well below this (bench/grid.py); bounds a chunk's time
 CPU_MEMORY_FRACTION = 0.25  # of available RAM for activations: other processes share the machine
@@ -51,7 +51,7 @@ class SurfaceSpec:
     split: str = "test"
     params: str = "prompt"  # prompt: hold a trained head at its value; all: perturb the head too
     seed: int = 0
-    dtype: str = "float32"  # bfloat16: autocast (on CUDA); the loss is always reduced in float32
+    dtype: str = "auto"  # auto: bf16 autocast where bf16 matmuls are native; the loss is always reduced in float32
     batch_size: int = 8  # examples per forward, sorted by length: small batches pad little; the chunk fills the forward
     chunk: int | None = None  # grid points per forward; None: chosen from free memory
     shape: tuple[int, int] = field(init=False)
@@ -70,7 +70,7 @@ class SurfaceSpec:
             raise ValueError(f"batch size and chunk must be > 0, got {self.batch_size} and {self.chunk}")
         for name, value, allowed in (("space", self.space, ("prompt", "input")), ("directions", self.directions, DIRECTION_KINDS),
                                      ("norm", self.norm, NORMALIZATIONS), ("split", self.split, SPLITS),
-                                     ("params", self.params, ("prompt", "all")), ("dtype", self.dtype, tuple(DTYPES))):
+                                     ("params", self.params, ("prompt", "all")), ("dtype", self.dtype, DTYPE_CHOICES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         if self.space == "input" and self.directions != "gradient":
@@ -92,7 +92,8 @@ SPEC_FLAGS = {
     "split": ("which split the examples come from", SPLITS),
     "params": ("prompt: the soft prompt only; all: the trained head too", ("prompt", "all")),
     "seed": ("seed of random directions (recorded)", None),
-    "dtype": ("float32 for exact work; bfloat16 autocast (loss reduced in float32)", tuple(DTYPES)),
+    "dtype": ("auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32; float32 for exact "
+              "work (the loss is reduced in float32 either way)", DTYPE_CHOICES),
     "batch_size": ("examples per forward, sorted by length", None),
     "chunk": ("grid points per forward (default: from free memory)", None),
 }
@@ -233,6 +234,7 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
     every rank returns the full surface, rank 0 writes the file.
     """
     examples = examples.head(spec.examples)
+    spec = replace(spec, dtype=resolve_dtype(spec.dtype, model.device))  # the dtype actually used is recorded
     identity = {"checkpoint_hash": params_hash(params), "space": spec.space, "directions": spec.directions,
                 "normalization": "none" if spec.directions == "interp" else spec.norm, "seed": spec.seed,
                 "split": spec.split, "subset_hash": subset_hash(examples), "model": model.model_name,

@@ -55,7 +55,8 @@ def measure(model: PromptModel, params: dict[str, Tensor], examples: Split, surf
             config: MetricsConfig, checkpoint: str = "", method: str = "", seed: int | None = None,
             test_accuracy: float | None = None, input_surface: Surface | None = None) -> dict:
     """One metrics row for a checkpoint: the surface's numbers and the estimators in config.which."""
-    results, settings = {}, asdict(config)
+    # float32 always: sharpness is a difference L(theta + delta) - L(theta) of order 1e-3, below bf16's resolution
+    results, settings = {}, {**asdict(config), "dtype": "float32"}
     if "surface" in config.which and surface is not None:
         results["surface"] = surface_metrics(surface.alphas, surface.betas, surface.loss, surface.accuracy,
                                              config.radius, config.tau)

@@ -26,6 +26,45 @@ CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
 MODEL_KINDS = ("masked", "causal", "seq2seq")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 autocast where the hardware multiplies bf16 natively
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """True where bf16 matmuls run natively: CUDA compute capability >= 8.0, or a CPU with AVX512-BF16 or AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell without a benchmark, so stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> str:
+    """The compute dtype a --dtype value means on this device: auto -> bfloat16 or float32."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return name
+
+
+def autocast(device: str | torch.device, dtype: str):
+    """Mixed precision for a forward: weights stay float32, matmuls run in `dtype` (a no-op for float32)."""
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+
+
+def resolve_device(requested: str | torch.device = "auto") -> str:
+    """auto -> cuda when a GPU is present, else cpu; anything else as given."""
+    if str(requested) != "auto":
+        return str(requested)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class Backbone:
     model: nn.Module  # HF model (ForSequenceClassification, ForMaskedLM or ForCausalLM), frozen, eval mode
@@ -171,7 +210,7 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
         raise
 
 
-def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "cpu",
+def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "auto",
                   dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
                   attn_implementation: str | None = None) -> Backbone:
     """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer")."""
@@ -195,7 +234,9 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
     hf_logging.set_verbosity_error()  # the fresh classifier head is expected: it is trained with the prompt
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # weights missing from the folder (e.g. a pooler) get one init on every load
+            # weights missing from the folder (e.g. a pooler) get one init on every load; the CPU generator only
+            # (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[]) does not restore)
+            torch.default_generator.manual_seed(0)
             model = _load_model(path, config, head, kind, num_labels, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
@@ -206,4 +247,4 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.requires_grad_(False)
     model.eval()
-    return Backbone(model.to(device), tokenizer, kind, name, str(path))
+    return Backbone(model.to(resolve_device(device)), tokenizer, kind, name, str(path))

@@ -33,6 +33,7 @@ def evaluate(model: PromptModel, params: dict[str, Tensor], batches: list[Batch]
 
 def main(argv: list[str] | None = None) -> dict:
     from ptp_core import cli
+    from ptp_core.backbones import DTYPE_CHOICES, autocast, resolve_dtype
     from ptp_core.checkpoint import load_checkpoint
     from ptp_core.data import SPLITS, load_task
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--examples", type=cli.positive(int), default=None, help="first N examples of the split")
     p.add_argument("--batch-size", type=cli.positive(int), default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
     args = p.parse_args(argv)
     cli.quiet_transformers()
     checkpoint = load_checkpoint(args.checkpoint)
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{task.num_labels}; evaluate on a task with the same labels")
     model = checkpoint.build_model(cli.auto_device(args.device), cache_dir=cli.cache_dir(),
                                    num_labels=task.num_labels)
-    result = evaluate(model, model.params, task.splits[args.split].head(args.examples), args.batch_size)
+    dtype = resolve_dtype(args.dtype, model.device)
+    with autocast(model.device, dtype):
+        result = evaluate(model, dict(model.params), task.splits[args.split].head(args.examples), args.batch_size)
+    result["dtype"] = dtype
     print(json.dumps(result))
     return result
 

@@ -219,7 +219,7 @@ class PromptModel(nn.Module):
         if input_perturbation is not None:
             mask = batch.text_mask.unsqueeze(-1).to(embeds.dtype)  # (B, T, 1)
             delta = input_perturbation if input_perturbation.dim() == 4 else input_perturbation.unsqueeze(0)
-            embeds = embeds + delta * mask  # (Ge, B, T, D): Ge input perturbations
+            embeds = embeds + (delta * mask).to(embeds.dtype)  # (Ge, B, T, D): Ge input perturbations
         groups = max(prompt.shape[0], embeds.shape[0])
         size, width = batch.input_ids.shape
         prompt = prompt.to(embeds.dtype).unsqueeze(1).expand(groups, size, -1, -1)  # (G, B, P, D)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ptp_core.backbones import default_head
+from ptp_core.backbones import autocast, default_head, resolve_device, resolve_dtype
 from ptp_core.checkpoint import META, save_checkpoint
 from ptp_core.data import batch_indices, load_task
 from ptp_core.evaluate import encode_split, evaluate
@@ -23,7 +23,7 @@ from ptp_core.model import PROMPT_INITS, PromptModel
 from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
 
 METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling inside every PTP ascent step
 
 
 # Default prompt learning rates, from small searches on the embedded task (README, Results):
@@ -57,8 +57,8 @@ class TrainConfig:
     max_length: int = 128
     label_words: list[str] | None = None
     template: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"  # cuda when a GPU is present
+    dtype: str = "auto"  # bf16 autocast where the hardware multiplies bf16 natively (weights stay float32)
     cache_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -83,8 +83,9 @@ class TrainConfig:
             raise ValueError(f"--lr and --head-lr must be > 0, got {self.lr} and {self.head_lr}")
         if self.prompt_init not in PROMPT_INITS:
             raise ValueError(f"unknown --prompt-init {self.prompt_init!r}; use one of {', '.join(PROMPT_INITS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} cannot train; use one of {', '.join(TRAIN_DTYPES)} (float16 "
+                             "needs loss scaling that the PTP ascent steps do not do)")
         if isinstance(self.perturb, dict):  # rebuilt from ptp.json
             self.perturb = PerturbConfig(**self.perturb)
 
@@ -129,7 +130,9 @@ def train(config: TrainConfig) -> Path:
     generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
     noise = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations draw from their own stream
     task = load_task(config.task, config.label_words, config.template)
-    backbone = load_backbone(config.model, config.head, task.num_labels, config.device, DTYPES[config.dtype],
+    device = resolve_device(config.device)
+    compute = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
+    backbone = load_backbone(config.model, config.head, task.num_labels, device, torch.float32,
                              Path(config.cache_dir) if config.cache_dir else None)
     template = task.template if config.head == "verbalizer" else (config.template or "{text}")
     model = PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length)
@@ -153,7 +156,8 @@ def train(config: TrainConfig) -> Path:
         index = batches.pop(0)
         batch = model.encode([train_split.texts[i] for i in index], [train_split.labels[i] for i in index])
         optimizer.zero_grad(set_to_none=True)
-        losses = step_gradients(model, params, batch, config, noise)
+        with autocast(device, compute):
+            losses = step_gradients(model, params, batch, config, noise)
         if not all(math.isfinite(v) for v in losses.values()):
             status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
             break
@@ -166,19 +170,22 @@ def train(config: TrainConfig) -> Path:
             snapshots.append(params["prompt"].detach().cpu().clone())
             steps_seen.append(step)
         if step % config.eval_every == 0 or step == config.steps:
-            result = evaluate(model, params, valid_batches)
+            with autocast(device, compute):
+                result = evaluate(model, params, valid_batches)
             log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"]})
             if result["accuracy"] > best["accuracy"]:
                 best = {"accuracy": result["accuracy"], "step": step,
                         "params": {k: v.detach().clone() for k, v in params.items()}}
     bar.close()
     final = best["params"]
-    if best["accuracy"] < 0:  # stopped before the first evaluation: measure the initial prompt
-        best["accuracy"] = evaluate(model, final, valid_batches)["accuracy"]
-    test = evaluate(model, final, encode_split(model, task.splits["test"].head(config.test_examples)))
+    with autocast(device, compute):
+        if best["accuracy"] < 0:  # stopped before the first evaluation: measure the initial prompt
+            best["accuracy"] = evaluate(model, final, valid_batches)["accuracy"]
+        test = evaluate(model, final, encode_split(model, task.splits["test"].head(config.test_examples)))
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "overwrite", "cache_dir")}
     meta = {
         **settings, "head": config.head, "kind": backbone.kind, "model_path": backbone.path,
+        "compute_dtype": compute, "device": device,
         "task": config.task, "label_names": task.label_names, "label_words": task.label_words,
         "template": template, "num_labels": task.num_labels, "split_sizes": task.sizes(), "status": status,
         "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_n": test["n"],
@@ -221,7 +228,8 @@ def add_arguments(p) -> None:
     p.add_argument("--label-words", type=lambda s: s.split(","), default=None, help="comma-separated, one per label")
     p.add_argument("--template", default=None, help="e.g. '{text} It was {mask}.'")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES))
+    p.add_argument("--dtype", default=d.dtype, choices=TRAIN_DTYPES,
+                   help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
     p.add_argument("--progress", default=True, action=__import__("argparse").BooleanOptionalAction)
     q = PerturbConfig()
     g = p.add_argument_group("PTP regularizers", "L = CE(clean) + reg_weight * CE(perturbed); scales are relative "
@@ -248,7 +256,7 @@ def config_from_args(args, **overrides) -> TrainConfig:
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     values["perturb"] = PerturbConfig(**{k: v for k, v in vars(args).items() if k in PerturbConfig.__dataclass_fields__})
-    values.update(device=cli.auto_device(args.device), cache_dir=str(cli.cache_dir() or "") or None, **overrides)
+    values.update(cache_dir=str(cli.cache_dir() or "") or None, **overrides)
     return TrainConfig(**values)
 
 

@@ -160,13 +160,14 @@ def test_every_family_trains_evaluates_draws_a_surface_and_measures_curvature(fa
     from ptp_core.train import TrainConfig, train
 
     out = train(TrainConfig(model=family_dirs[family], task=toy_csv, out=str(tmp_path / "run"), steps=3, batch_size=16,
-                            prompt_length=3, eval_every=3, eval_examples=8, test_examples=8, progress=False))
+                            prompt_length=3, eval_every=3, eval_examples=8, test_examples=8, progress=False,
+                            dtype="float32"))
     checkpoint = load_checkpoint(out)
     assert checkpoint.meta["head"] == family_head(family)
     result = evaluate_main([str(out), "--examples", "8"])
     model = checkpoint.build_model()
     examples = load_task(toy_csv).splits["test"].head(8)
-    surface = surface_for_params(model, checkpoint.params, examples, SurfaceSpec(grid="3x3", examples=8, span=0.5),
+    surface = surface_for_params(model, checkpoint.params, examples, SurfaceSpec(grid="3x3", examples=8, span=0.5, dtype="float32"),
                                  progress=False)
     assert surface.is_complete and abs(surface.center_loss - result["loss"]) < 1e-5
     row = measure(model, checkpoint.params, examples, surface,

@@ -28,7 +28,7 @@ def _examples(n: int = 10, seed: int = 3) -> Split:
 
 
 def _spec(**kw) -> SurfaceSpec:
-    return SurfaceSpec(**{"grid": "5x7", "span": 0.5, "examples": 10, "batch_size": 4, **kw})
+    return SurfaceSpec(**{"grid": "5x7", "span": 0.5, "examples": 10, "batch_size": 4, "dtype": "float32", **kw})
 
 
 def _checkpoint(tmp_path: Path, model_dir: str, task: str, name: str = "ckpt", prompt_length: int = 4, seed: int = 0,
@@ -190,7 +190,7 @@ def _env(threads: int = 1) -> dict:
 def test_torchrun_two_processes_equal_one(tiny_dirs, toy_csv, tmp_path):
     checkpoint = _checkpoint(tmp_path, tiny_dirs["bert"], toy_csv)
     flags = ["--grid", "5x5", "--span", "0.5", "--examples", "8", "--batch-size", "4", "--chunk", "3", "--no-progress",
-             "--device", "cpu"]
+             "--device", "cpu", "--dtype", "float32"]
     torchrun = Path(sys.executable).with_name("torchrun")
     runs = {"one": [sys.executable, "-m", "landscape.grid"],
             "two": [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "landscape.grid"]}
@@ -207,3 +207,24 @@ def test_torchrun_two_processes_equal_one(tiny_dirs, toy_csv, tmp_path):
     ckpt = load_checkpoint(checkpoint)
     center = evaluate(ckpt.build_model(), ckpt.params, load_task(toy_csv).splits["test"].head(8))
     assert abs(one.center_loss - center["loss"]) < 1e-6
+
+
+def test_auto_dtype_resolves_by_hardware_and_is_recorded(tiny_bert_model):
+    from ptp_core.backbones import native_bf16, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16("cpu") else "float32")
+    assert resolve_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", "cpu")
+    model = tiny_bert_model
+    surface = surface_for_params(model, model.params, _examples(), _spec(grid="3", dtype="auto"), progress=False)
+    assert surface.spec["dtype"] == resolve_dtype("auto", "cpu")  # the dtype actually used, never "auto"
+
+
+def test_bfloat16_surface_stays_close_to_float32(tiny_bert_model):
+    model = tiny_bert_model
+    exact = surface_for_params(model, model.params, _examples(), _spec(grid="3"), progress=False)
+    fast = surface_for_params(model, model.params, _examples(), _spec(grid="3", dtype="bfloat16"), progress=False)
+    assert fast.spec["dtype"] == "bfloat16" and exact.spec["dtype"] == "float32"
+    deviation = np.abs(fast.loss - exact.loss).max()
+    assert 0 < deviation < 0.02 * np.abs(exact.loss).max()  # bf16 keeps 8 bits of mantissa; the CE is float32

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,20 @@ def test_cli_bad_values_get_one_line_and_exit_code_2(tiny_dirs, toy_csv, tmp_pat
         error = _cli(*base, *args, expect=2).stderr
         assert len(error.strip().splitlines()) == 1 and "Traceback" not in error and message in error, error
     assert not (tmp_path / "x").exists()
+
+
+def test_adversarial_input_steps_run_on_a_bfloat16_backbone(tiny_dirs, tiny_batch_texts):
+    """The ball radius is float32; the perturbation must follow the embeddings' dtype (no m1/m2 dtype clash)."""
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+    from ptp_core.perturb import PerturbConfig, ptp_gradients
+
+    backbone = load_backbone(tiny_dirs["bert"], "classifier", 2, "cpu", torch.bfloat16)
+    model = PromptModel(backbone, "classifier", 2)
+    params = {k: v.to(torch.bfloat16).requires_grad_(True) for k, v in
+              model.init_params(3, "random", torch.Generator().manual_seed(0)).items()}
+    batch = model.encode(*tiny_batch_texts)
+    for free in (False, True):
+        config = PerturbConfig(target="input", adv_steps=2, adv_free=free)
+        losses = ptp_gradients(model, params, batch, "ptp-adv", config, torch.Generator().manual_seed(1))
+        assert all(np.isfinite(v) for v in losses.values()) and params["prompt"].grad is not None

@@ -21,7 +21,7 @@ def four_runs(tiny_dirs, toy_csv, tmp_path_factory):
     for method in ("pt", "ptp-rn"):
         for seed in (0, 1):
             train(TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", method=method, seed=seed,
-                              out=str(root / method / f"seed{seed}"), steps=4, batch_size=16, prompt_length=3,
+                              out=str(root / method / f"seed{seed}"), steps=4, batch_size=16, prompt_length=3, dtype="float32",
                               eval_every=4, progress=False))
     return root
 
@@ -29,7 +29,7 @@ def four_runs(tiny_dirs, toy_csv, tmp_path_factory):
 @pytest.fixture(scope="module")
 def comparison(four_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    spec = SurfaceSpec(grid="5", span=0.5, examples=8, directions="random")
+    spec = SurfaceSpec(grid="5", span=0.5, examples=8, directions="random", dtype="float32")
     return compare(find_checkpoints([four_runs]), spec, MetricsConfig(("surface",)), out, ("prompt", "input"),
                    progress=False)
 

@@ -17,6 +17,7 @@ def two_runs(tiny_dirs, toy_csv, tmp_path_factory):
     for seed in (0, 1):
         train(TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", out=str(root / f"pt/seed{seed}"),
                           steps=6, batch_size=16, prompt_length=3, eval_every=3, snapshot_every=2, progress=False,
+                          dtype="float32",
                           seed=seed))
     return root
 

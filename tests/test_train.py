@@ -12,7 +12,8 @@ from ptp_core.train import TrainConfig, train
 
 def _config(tiny_dirs, toy_csv, out, **kw):
     values = dict(model=tiny_dirs["bert"], task=toy_csv, head="classifier", out=str(out), steps=30, batch_size=16,
-                  prompt_length=4, lr=0.05, head_lr=0.05, eval_every=10, snapshot_every=5, progress=False)
+                  prompt_length=4, lr=0.05, head_lr=0.05, eval_every=10, snapshot_every=5, progress=False,
+                  dtype="float32")
     values.update(kw)
     return TrainConfig(**values)
 

@@ -37,7 +37,7 @@ FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 3
                     "surface,hessian,trace,sharpness,input")]
 
 
-def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "cpu", progress: bool = True) -> Path:
+def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "auto", progress: bool = True) -> Path:
     """Train, measure and draw; return the figures folder."""
     from landscape.grid import SurfaceSpec
     from landscape.measure import MetricsConfig

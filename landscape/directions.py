@@ -205,6 +205,7 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
         d1, d2 = orthonormal_pair({"prompt": u1.float()}, {"prompt": u2.float()}, reference, norm)
         info["explained_variance"] = ratio
     elif kind == "hessian":
+        model.check_double_backward()
         d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed)
     else:
         raise ValueError(f"unknown direction kind {kind!r}; use one of {', '.join(DIRECTION_KINDS)}")
@@ -280,7 +281,7 @@ def _normalize_example(gradient: Tensor, gaussian: Tensor, embeddings: Tensor, n
     else:
         shape = gradient.shape
         gradient, gaussian = gradient.reshape(1, -1), gaussian.reshape(1, -1)  # (1, L*D)
-        target = (embeddings.norm() if norm == "layer" else torch.ones((), dtype=gradient.dtype)).reshape(1, 1)
+        target = (embeddings.norm() if norm == "layer" else torch.ones((), dtype=gradient.dtype, device=gradient.device)).reshape(1, 1)
     d1 = _rescale_rows(gradient, target)
     d2 = _rescale_rows(_orthogonalize_rows(gaussian, d1), target)
     return d1.reshape(shape), d2.reshape(shape)

@@ -32,6 +32,7 @@ from ptp_core.io import to_json
 from ptp_core.model import Batch, PromptModel
 from ptp_core.backbones import DTYPE_CHOICES, DTYPES, resolve_dtype
 
+DISTRIBUTED_TIMEOUT = __import__("datetime").timedelta(minutes=30)  # a rank may wait on a slow chunk of another
 CPU_TOKENS_PER_FORWARD = 1 << 15  # CPU FLOP/s stops growing well below this (bench/grid.py); bounds a chunk's time
 CPU_MEMORY_FRACTION = 0.25  # of available RAM for activations: other processes share the machine
 CUDA_MEMORY_FRACTION = 0.6  # of free GPU memory; an out-of-memory error still halves and retries
@@ -181,8 +182,9 @@ def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int, prompt
     tokens = max(b.input_ids.shape[1] for b in batches) + prompt_length  # the prompt being evaluated
     # live activations of one layer, x3 for temporaries: (B, L, inner + 4 H) and the (B, heads, L, L) scores
     per_point = 3 * 4 * rows * tokens * (inner + 4 * hidden + heads * tokens)
-    if model.device.type == "cuda":
-        budget = CUDA_MEMORY_FRACTION * torch.cuda.mem_get_info(model.device)[0]
+    if model.device.type == "cuda":  # free memory, plus what PyTorch's allocator holds cached but unused
+        cached = torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+        budget = CUDA_MEMORY_FRACTION * (torch.cuda.mem_get_info(model.device)[0] + cached)
         limit = points
     else:
         budget = CPU_MEMORY_FRACTION * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -190,18 +192,30 @@ def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int, prompt
     return int(max(1, min(points, limit, budget // per_point)))
 
 
-def _evaluate_chunk(evaluate, alphas: Tensor, betas: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """evaluate(alphas, betas); on CUDA out-of-memory, halve and retry (the caller halves its chunk too)."""
-    try:
-        return evaluate(alphas, betas)
-    except torch.cuda.OutOfMemoryError:
-        if len(alphas) == 1:
-            raise
+@dataclass
+class MemoryCap:
+    """Grid points per forward that fit: halved on each CUDA out-of-memory error and kept for the rest of the
+    surface, so later chunks do not fail at full size first. It splits a chunk, never moves chunk boundaries."""
+
+    points: int
+
+
+def _evaluate_chunk(evaluate, alphas: Tensor, betas: Tensor, cap: MemoryCap | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """evaluate(alphas, betas) in pieces of at most cap.points; on CUDA out-of-memory, free, halve, retry."""
+    cap = cap or MemoryCap(len(alphas))
+    while True:
+        try:
+            parts = [evaluate(alphas[s:s + cap.points], betas[s:s + cap.points])
+                     for s in range(0, len(alphas), cap.points)]
+            return tuple(np.concatenate(pair) for pair in zip(*parts))
+        except torch.cuda.OutOfMemoryError as error:
+            if cap.points == 1:
+                raise ValueError("one grid point does not fit in GPU memory; lower --examples or --batch-size") \
+                    from error
+        # outside the except block: the failed forward's tensors (held by the traceback) are gone now
         torch.cuda.empty_cache()
-        half = len(alphas) // 2
-        first = _evaluate_chunk(evaluate, alphas[:half], betas[:half])
-        second = _evaluate_chunk(evaluate, alphas[half:], betas[half:])
-        return tuple(np.concatenate(pair) for pair in zip(first, second))
+        cap.points = max(1, cap.points // 2)
 
 
 # ---- the surface --------------------------------------------------------------------------------------
@@ -311,14 +325,15 @@ def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: 
     chunks = [c[~done[c]] for c in chunks if not done[c].all()]
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32)  # (nx*ny,) row-major
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32)
-    writer = path is not None and shard.rank == 0
+    writer, cap = path is not None and shard.rank == 0, MemoryCap(chunk)
     bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{label} surface",
                disable=not progress or shard.rank != 0)
     started, last_save, seconds = time.time(), time.time(), float(surface.spec.get("seconds") or 0.0)
     try:
         for start in range(0, len(chunks), shard.world):
             mine = chunks[start + shard.rank] if start + shard.rank < len(chunks) else np.arange(0)
-            result = _evaluate_chunk(evaluate, grid_a[mine], grid_b[mine]) if len(mine) else (np.zeros(0), np.zeros(0))
+            result = _evaluate_chunk(evaluate, grid_a[mine], grid_b[mine], cap) if len(mine) else (np.zeros(0),
+                                                                                                  np.zeros(0))
             for index, loss, accuracy in shard.gather((mine, *result)) if shard.world > 1 else [(mine, *result)]:
                 surface.loss.reshape(-1)[index] = loss
                 surface.accuracy.reshape(-1)[index] = accuracy
@@ -344,7 +359,7 @@ def _all_gather(item) -> list:
 
 
 def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: SurfaceSpec, path: str | Path | None = None,
-                    *, model: PromptModel | None = None, examples: Split | None = None, device: str = "cpu",
+                    *, model: PromptModel | None = None, examples: Split | None = None, device: str = "auto",
                     cache_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
                     save_every: float = 5.0, shard: Shard = Shard()) -> Surface:
     """The surface of `spec` around the first checkpoint (interp: through all of them), saved to `path`."""
@@ -405,10 +420,10 @@ def main(argv: list[str] | None = None) -> Surface:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this rank's share, gathered after every round
         import torch.distributed as dist
 
-        if device == "cuda":
+        if device.startswith("cuda"):  # cuda or cuda:N: each rank takes the GPU of its local rank
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DISTRIBUTED_TIMEOUT)
         shard = Shard(dist.get_rank(), dist.get_world_size(), _all_gather)
     try:
         checkpoints = [load_checkpoint(c) for c in args.checkpoints]

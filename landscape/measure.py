@@ -82,6 +82,8 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Spli
         return model.loss({**held, **p}, batch).mean()
 
     flat = hessian.flatten_params(trainable)
+    if {"hessian", "trace"} & set(config.which):
+        model.check_double_backward()
     out = {}
     if "hessian" in config.which:
         out["eigen"] = hessian.top_eigenvalues(loss_fn, trainable, config.eigenvalues, config.eigen_tol,

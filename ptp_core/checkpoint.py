@@ -86,7 +86,7 @@ class Checkpoint:
             digest.update(self.params[name].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def build_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    def build_model(self, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None, label_words: list[str] | None = None,
                     template: str | None = None, attn_implementation: str | None = None,
                     num_labels: int | None = None):

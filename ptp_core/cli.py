@@ -43,11 +43,9 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
 
 
 def auto_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    import torch
+    from ptp_core.backbones import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(requested)
 
 
 def end_distributed() -> None:

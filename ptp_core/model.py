@@ -109,7 +109,8 @@ class PromptModel(nn.Module):
             self.head_names = []
             if len(self.label_words) != num_labels:
                 raise ValueError(f"verbalizer needs {num_labels} label words, got {self.label_words}")
-            self.register_buffer("label_ids", self._label_word_ids(), persistent=False)
+            # on the backbone's device: PromptModel itself is never moved, and a CPU index would copy every forward
+            self.register_buffer("label_ids", self._label_word_ids().to(self.device), persistent=False)
             if self.kind == "masked" and self.tokenizer.mask_token is None:
                 raise ValueError(f"{self.model_name} has no mask token for a masked-LM verbalizer")
         self._params = MappingProxyType(dict(params or {}))  # read-only: trainable tensors are passed in
@@ -138,6 +139,16 @@ class PromptModel(nn.Module):
         """The classifier head's tensors as loaded, named as in the HF model (classifier.dense.weight, score.weight)."""
         return {f"{name}.{k}": v.detach().clone() for name in self.head_names
                 for k, v in getattr(self.backbone, name).named_parameters()}
+
+    def check_double_backward(self) -> None:
+        """Refuse curvature work on an attention kernel without a second derivative (flash, flex): HVPs need one.
+
+        SDPA is fine: the Hessian code builds its graph under SDPA's math backend; eager attention is plain ops.
+        """
+        implementation = getattr(self.backbone.config, "_attn_implementation", None) or "eager"
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"{implementation} attention has no second derivative, which Hessian metrics and "
+                             f"directions need; load the model with attn_implementation='sdpa' or 'eager'")
 
     def check_length(self, prompt_length: int, text_length: int | None = None) -> None:
         """Refuse a prompt plus text longer than the model's positions (ValueError with how to mend it)."""

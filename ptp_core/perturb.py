@@ -166,7 +166,7 @@ def hotflip(model: PromptModel, batch: Batch, gradient: Tensor, swaps: int, chun
         g = gradient[r, c].to(table.dtype)  # (N, D)
         gain = (g @ table.T).float() - (g * table[batch.input_ids[r, c]]).sum(-1, keepdim=True).float()  # (N, V)
         gain[:, special] = -math.inf
-        gain[torch.arange(len(r)), batch.input_ids[r, c]] = -math.inf
+        gain[torch.arange(len(r), device=gain.device), batch.input_ids[r, c]] = -math.inf
         value, token = gain.max(-1)
         best_gain[r, c], best_token[r, c] = value, token
     k = min(swaps, batch.input_ids.shape[1])

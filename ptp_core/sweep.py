@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cli.quiet_transformers()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.device = cli.auto_device(args.device)
-    if args.device == "cuda" and world > 1:
+    if str(args.device).startswith("cuda") and world > 1:  # cuda or cuda:N: one GPU per local rank
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     base = config_from_args(args, out=args.out)  # validates every flag before any run starts
     if world > 1:  # a barrier only: each rank trains on its own; runs can take hours, hence the long timeout

@@ -228,3 +228,37 @@ def test_bfloat16_surface_stays_close_to_float32(tiny_bert_model):
     assert fast.spec["dtype"] == "bfloat16" and exact.spec["dtype"] == "float32"
     deviation = np.abs(fast.loss - exact.loss).max()
     assert 0 < deviation < 0.02 * np.abs(exact.loss).max()  # bf16 keeps 8 bits of mantissa; the CE is float32
+
+
+def test_out_of_memory_halves_once_and_keeps_the_cap(monkeypatch):
+    """CUDA OOM back-off, simulated on CPU: a forward of more than 2 points fails; the cap stays at 2 afterwards."""
+    sizes = []
+
+    def evaluate(alphas, betas):
+        sizes.append(len(alphas))
+        if len(alphas) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return (alphas + betas).numpy(), (alphas - betas).numpy()
+
+    cap = grid.MemoryCap(8)
+    alphas, betas = torch.arange(8.0), torch.arange(8.0) / 10
+    loss, accuracy = grid._evaluate_chunk(evaluate, alphas, betas, cap)
+    np.testing.assert_allclose(loss, (alphas + betas).numpy()) and np.testing.assert_allclose(accuracy, 0.9 * alphas)
+    assert cap.points == 2 and sizes == [8, 4, 2, 2, 2, 2]
+    sizes.clear()
+    grid._evaluate_chunk(evaluate, alphas[:5], betas[:5], cap)  # the next chunk starts at the kept cap
+    assert sizes == [2, 2, 1]
+    with pytest.raises(ValueError, match="one grid point does not fit"):
+        grid._evaluate_chunk(lambda a, b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), alphas[:2],
+                             betas[:2], grid.MemoryCap(2))
+
+
+def test_hessian_work_refuses_attention_without_second_derivative(tiny_dirs):
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+
+    model = PromptModel(load_backbone(tiny_dirs["bert"], "classifier", 2, "cpu"), "classifier", 2)
+    model.check_double_backward()  # sdpa: fine
+    model.backbone.config._attn_implementation = "flash_attention_2"  # as a flash-attention load would record
+    with pytest.raises(ValueError, match="no second derivative"):
+        model.check_double_backward()

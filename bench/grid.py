@@ -20,6 +20,7 @@ from torch import nn
 
 from landscape.directions import prompt_directions
 from landscape.grid import DTYPES, SurfaceSpec, auto_chunk, encode_examples, evaluate_points
+from ptp_core.backbones import resolve_dtype
 
 
 def matmul_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--our-batch-size", type=int, default=SurfaceSpec.batch_size, help="ours: examples per forward")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best time of each counts")
     p.add_argument("--chunk", type=int, default=None, help="our grid points per forward (default: automatic)")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="the loop's and loss-landscapes' dtype; ours runs in float32 and in auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip", default="", help="comma-separated evaluators to skip: loop,loss-landscapes")
     args = p.parse_args(argv)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ptp_core.data import load_task
 
     dtype = DTYPES[args.dtype]
+    auto = resolve_dtype("auto", args.device)
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint)
         model = checkpoint.build_model(args.device)
@@ -146,21 +149,24 @@ def main(argv: list[str] | None = None) -> dict:
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32, device=model.device)
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32, device=model.device)
 
-    def ours() -> np.ndarray:
-        out = [evaluate_points(model, batches, order, grid_a[s:s + chunk], grid_b[s:s + chunk], directions, dtype=dtype)[0]
-               for s in range(0, points, chunk)]
+    def ours(compute: torch.dtype) -> np.ndarray:
+        out = [evaluate_points(model, batches, order, grid_a[s:s + chunk], grid_b[s:s + chunk], directions,
+                               dtype=compute)[0] for s in range(0, points, chunk)]
         return np.concatenate(out).reshape(alphas.size, betas.size)
 
-    evaluators = {"ours": ours, "loop": lambda: per_point_loop(model, directions, stored_batches, alphas, betas, dtype),
+    evaluators = {"ours": lambda: ours(dtype), f"ours ({auto}, auto)": lambda: ours(DTYPES[auto]),
+                  "loop": lambda: per_point_loop(model, directions, stored_batches, alphas, betas, dtype),
                   "loss-landscapes": lambda: loss_landscapes_plane(model, directions, stored_batches, alphas, dtype)}
+    compute_of = {name: DTYPES[auto] if "auto" in name else dtype for name in evaluators}
     skip = set(filter(None, args.skip.split(",")))
     flops = model_flops_per_point(model, batches, model.params["prompt"].shape[-2])
-    ours()  # warm-up (allocator, kernels) so that no evaluator pays it
+    ours(dtype), ours(DTYPES[auto])  # warm-up (allocator, kernels) so that no evaluator pays it
     # Other processes may share the machine: interleave the evaluators and the matmul probe over
     # rounds and keep each one's best, so that all see the same conditions.
-    best, surfaces, peak = {}, {}, 0.0
+    best, surfaces, peak = {}, {}, {}
     for _ in range(args.rounds):
-        peak = max(peak, matmul_flops(dtype, args.device))
+        for compute in set(compute_of.values()):
+            peak[compute] = max(peak.get(compute, 0.0), matmul_flops(compute, args.device))
         for name, run in evaluators.items():
             if name in skip:
                 continue
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
             _sync(args.device)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     results = {name: {"seconds": seconds, "points_per_s": points / seconds,
-                      "matmul_fraction": flops * points / seconds / peak} for name, seconds in best.items()}
+                      "matmul_fraction": flops * points / seconds / peak[compute_of[name]]}
+               for name, seconds in best.items()}
     reference = surfaces["ours"]
     for name, surface in surfaces.items():
         # loss-landscapes' zig-zag evaluates odd rows one beta-step lower: compare its even rows only
@@ -180,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}")
     print(f"# model={model.model_name} examples={len(examples)} grid={args.grid}x{args.grid} ({points} points) "
           f"batch ours={args.our_batch_size} (length-sorted) others={args.batch_size} (stored order) chunk={chunk} prompt={model.params['prompt'].shape[-2]} "
-          f"matmul={peak / 1e9:.1f} GFLOP/s (best of {args.rounds}) rounds={args.rounds} model={flops / 1e9:.2f} GFLOP/point")
-    print("| evaluator | seconds | points/s | speed vs loop | FLOP/s / matmul | max |diff| vs ours |")
+          f"matmul " + ", ".join(f"{str(k)[6:]} {v / 1e9:.1f}" for k, v in peak.items()) +
+          f" GFLOP/s (best of {args.rounds}) rounds={args.rounds} model={flops / 1e9:.2f} GFLOP/point")
+    print("| evaluator | seconds | points/s | speed vs loop | FLOP/s / matmul (same dtype) | max |diff| vs ours |")
     print("|---|---|---|---|---|---|")
     loop = results.get("loop", {}).get("points_per_s")
     for name, r in results.items():

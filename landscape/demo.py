@@ -30,8 +30,8 @@ class DemoSetting:
 
 
 # quick: sized so that 3 trainings + 6 surfaces of 15x15 + metrics finish in under 10 minutes on a 2-core CPU
-# with bf16 autocast (README, Cost): training ~1 s per PTP step, surfaces ~6 points/s on 24 examples
-QUICK = [DemoSetting("minilm", (0,), 100, 32, 200, 512, "15", 24, 16, "surface,hessian,sharpness,input")]
+# with bf16 autocast (README, Cost): batch 16 (~0.5 s per PTP step), surfaces ~6 points/s on 24 examples
+QUICK = [DemoSetting("minilm", (0,), 120, 16, 200, 512, "15", 24, 16, "surface,hessian,sharpness,input")]
 FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 32,
                     "surface,hessian,trace,sharpness,input"),
         DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 16, 256, None, "31", 256, 16,

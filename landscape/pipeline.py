@@ -83,6 +83,17 @@ def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray
     return coords.T.round(6).tolist()
 
 
+def plan(checkpoints: list, spec: SurfaceSpec, spaces: tuple[str, ...], metrics: MetricsConfig, device: str) -> str:
+    """One line saying what compare() will compute, in which dtype, on which device."""
+    from ptp_core.backbones import resolve_dtype
+
+    points = spec.shape[0] * spec.shape[1]
+    return (f"plan: {len(checkpoints)} checkpoint(s) x {len(spaces)} space(s) x {points} points "
+            f"({spec.shape[0]}x{spec.shape[1]}) on {spec.examples} {spec.split} examples, "
+            f"{resolve_dtype(spec.dtype, device)} on {device}; metrics {','.join(metrics.which)} on "
+            f"{metrics.examples} examples")
+
+
 def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
             spaces: tuple[str, ...] = ("prompt",), *, device: str = "cpu", cache_dir: Path | None = None,
             overwrite: bool = False, progress: bool = True) -> Comparison:

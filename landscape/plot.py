@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     else:
         from landscape.grid import spec_from_args
         from landscape.measure import MetricsConfig
-        from landscape.pipeline import compare, find_checkpoints
+        from landscape.pipeline import compare, find_checkpoints, plan
 
         spec = spec_from_args(args, space="prompt")  # --space both: compare() makes one spec per space
         metrics = MetricsConfig(tuple(m for m in args.metrics.split(",") if m), args.metric_examples,
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         checkpoints = find_checkpoints(args.checkpoints)
         cli.quiet_transformers()
         spaces = ("prompt", "input") if args.space == "both" else (args.space,)
+        print(plan(checkpoints, spec, spaces, metrics, cli.auto_device(args.device)), flush=True)
         comparison = compare(checkpoints, spec, metrics, config.out, spaces, device=cli.auto_device(args.device),
                              cache_dir=cli.cache_dir(), overwrite=args.overwrite, progress=args.progress)
     written = draw(comparison, config)

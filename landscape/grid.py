@@ -297,15 +297,17 @@ def _evaluator(model, params, batches, order, spec: SurfaceSpec, surface: Surfac
     directions, input_pairs, stored, info = None, None, {}, {}
     if spec.space == "prompt":
         names = list(params) if spec.params == "all" else ["prompt"]
+        # directions in float32 whatever the grid's dtype: they fix the plane, so a bf16 surface lies on the
+        # very plane of the float32 one and differs only by its evaluation (one gradient pass: cheap)
         directions = prompt_directions(model, params, batches, spec.directions, spec.norm, spec.seed, names,
-                                       [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory, dtype)
+                                       [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory)
         if surface is not None and surface.direction_1 is not None:  # resume exactly on the saved directions
             directions.d1["prompt"] = torch.as_tensor(surface.direction_1).to(model.device, torch.float32)
             directions.d2["prompt"] = torch.as_tensor(surface.direction_2).to(model.device, torch.float32)
         stored = {"direction_1": directions.d1["prompt"].cpu().numpy(), "direction_2": directions.d2["prompt"].cpu().numpy()}
         info = to_json(directions.info)
     else:
-        input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order, dtype)
+        input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order)
 
     def evaluate(alphas: Tensor, betas: Tensor) -> tuple[np.ndarray, np.ndarray]:
         return evaluate_points(model, batches, order, alphas.to(model.device), betas.to(model.device), directions,

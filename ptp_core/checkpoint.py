@@ -95,10 +95,10 @@ class Checkpoint:
         The label count comes from ptp.json, the label words, `num_labels` (the task's) or, for a classifier,
         the model's config; the head tensors must then fit the model's head exactly.
         """
-        from ptp_core.backbones import load_backbone
+        from ptp_core.backbones import load_backbone, resolve_device
         from ptp_core.model import PromptModel
 
-        meta = self.meta
+        device, meta = resolve_device(device), self.meta
         words = label_words or meta.get("label_words")
         count = meta.get("num_labels") or (len(words) if words else None) or num_labels
         if not count and meta["head"] == "classifier":

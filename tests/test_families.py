@@ -164,7 +164,7 @@ def test_every_family_trains_evaluates_draws_a_surface_and_measures_curvature(fa
                             dtype="float32"))
     checkpoint = load_checkpoint(out)
     assert checkpoint.meta["head"] == family_head(family)
-    result = evaluate_main([str(out), "--examples", "8"])
+    result = evaluate_main([str(out), "--examples", "8", "--dtype", "float32"])
     model = checkpoint.build_model()
     examples = load_task(toy_csv).splits["test"].head(8)
     surface = surface_for_params(model, checkpoint.params, examples, SurfaceSpec(grid="3x3", examples=8, span=0.5, dtype="float32"),

@@ -110,11 +110,11 @@ def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, requ
     reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "full", progress=False)
     real, calls = grid._evaluate_chunk, []
 
-    def interrupted(evaluate, alphas, betas):
+    def interrupted(evaluate, alphas, betas, cap=None):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(len(alphas))
-        return real(evaluate, alphas, betas)
+        return real(evaluate, alphas, betas, cap)
 
     monkeypatch.setattr(grid, "_evaluate_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -122,9 +122,9 @@ def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, requ
     partial = load_surface(tmp_path / "part")
     assert partial.points_done == sum(calls) == 12 and not partial.is_complete
 
-    def counting(evaluate, alphas, betas):
+    def counting(evaluate, alphas, betas, cap=None):
         calls.append(len(alphas))
-        return real(evaluate, alphas, betas)
+        return real(evaluate, alphas, betas, cap)
 
     calls.clear()
     monkeypatch.setattr(grid, "_evaluate_chunk", counting)

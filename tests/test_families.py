@@ -16,13 +16,9 @@ TOLERANCE = 1e-5
 
 
 def build(directory: str, head: str, seed: int = 0, prompt_length: int = 3):
-    from ptp_core.backbones import load_backbone
-    from ptp_core.model import PromptModel
+    from conftest import build_model
 
-    model = PromptModel(load_backbone(directory, head, num_labels=2), head, 2, LABEL_WORDS,
-                        "{text} It was {mask}." if head == "verbalizer" else "{text}")
-    model = model.with_params(model.init_params(prompt_length, "random", torch.Generator().manual_seed(seed)))
-    return model
+    return build_model(directory, head, seed, prompt_length)
 
 
 def peft_base(directory: str, head: str):

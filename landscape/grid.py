@@ -260,12 +260,16 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
         return surface
     batches, order = encode_examples(model, examples, spec.batch_size)
     params = {k: v.to(model.device) for k, v in params.items()}
-    evaluate, stored, info = _evaluator(model, params, batches, order, spec, surface, others, trajectory)
+    evaluate, stored, info = _evaluator(model, params, batches, order, spec, surface, others, trajectory, shard)
     if surface is None:
         alphas, betas = spec.axes()
+        head_directions = stored.pop("head_directions", {})
         surface = Surface.empty(alphas, betas, {**identity, **setting, **(metadata or {}),
                                                 "spec_hash": _spec_hash({**identity, **setting}),
                                                 "direction_info": info, "batch_size": spec.batch_size}, **stored)
+        surface.head_directions = head_directions
+    elif not surface.head_directions:
+        surface.head_directions = stored.get("head_directions", {})
     chunk = spec.chunk or auto_chunk(model, batches, surface.loss.size, params["prompt"].shape[-2])
     if shard.world > 1:  # every rank must cut the grid the same way
         chunk = min(c for (c,) in shard.gather((chunk,)))
@@ -291,20 +295,18 @@ def _resume(path: str | Path | None, spec: dict, overwrite: bool) -> Surface | N
     return None
 
 
-def _evaluator(model, params, batches, order, spec: SurfaceSpec, surface: Surface | None, others, trajectory):
+def _evaluator(model, params, batches, order, spec: SurfaceSpec, surface: Surface | None, others, trajectory,
+               shard: Shard = Shard()):
     """evaluate(alphas, betas) -> (loss, accuracy) at those points; the direction arrays to store; their info."""
     dtype = DTYPES[spec.dtype]
     directions, input_pairs, stored, info = None, None, {}, {}
     if spec.space == "prompt":
         names = list(params) if spec.params == "all" else ["prompt"]
-        # directions in float32 whatever the grid's dtype: they fix the plane, so a bf16 surface lies on the
-        # very plane of the float32 one and differs only by its evaluation (one gradient pass: cheap)
-        directions = prompt_directions(model, params, batches, spec.directions, spec.norm, spec.seed, names,
-                                       [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory)
-        if surface is not None and surface.direction_1 is not None:  # resume exactly on the saved directions
-            directions.d1["prompt"] = torch.as_tensor(surface.direction_1).to(model.device, torch.float32)
-            directions.d2["prompt"] = torch.as_tensor(surface.direction_2).to(model.device, torch.float32)
-        stored = {"direction_1": directions.d1["prompt"].cpu().numpy(), "direction_2": directions.d2["prompt"].cpu().numpy()}
+        directions = _saved_directions(surface, params, names, spec) or _shared_directions(
+            model, params, batches, spec, names, others, trajectory, shard)
+        stored = {"direction_1": directions.d1["prompt"].cpu().numpy(), "direction_2": directions.d2["prompt"].cpu().numpy(),
+                  "head_directions": {f"{d}.{k}": getattr(directions, f"d{d[-1]}")[k].cpu().numpy()
+                                      for d in ("direction_1", "direction_2") for k in names if k != "prompt"}}
         info = to_json(directions.info)
     else:
         input_pairs = input_directions(model, params, batches, spec.norm, spec.seed, order)
@@ -313,6 +315,42 @@ def _evaluator(model, params, batches, order, spec: SurfaceSpec, surface: Surfac
         return evaluate_points(model, batches, order, alphas.to(model.device), betas.to(model.device), directions,
                                params, input_pairs, dtype)
     return evaluate, stored, info
+
+
+def _saved_directions(surface: Surface | None, params, names: list[str], spec: SurfaceSpec) -> Directions | None:
+    """A resumed surface's own directions (prompt and, with --params all, the head's): the very same plane."""
+    if surface is None or surface.direction_1 is None:
+        return None
+    arrays = {"direction_1.prompt": surface.direction_1, "direction_2.prompt": surface.direction_2,
+              **surface.head_directions}
+    if any(f"{d}.{k}" not in arrays for d in ("direction_1", "direction_2") for k in names):
+        return None  # written before head directions were stored: recompute them (deterministic on CPU)
+    device = params["prompt"].device
+    d1, d2 = ({k: torch.as_tensor(arrays[f"{d}.{k}"]).to(device, torch.float32) for k in names}
+              for d in ("direction_1", "direction_2"))
+    return Directions(spec.directions, surface.spec.get("normalization") or spec.norm, spec.seed,
+                      {k: v.detach().float() for k, v in params.items()}, d1, d2,
+                      dict(surface.spec.get("direction_info") or {}))
+
+
+def _shared_directions(model, params, batches, spec: SurfaceSpec, names, others, trajectory, shard: Shard) -> Directions:
+    """Directions computed once, on rank 0, and sent to every rank: all ranks evaluate the very same plane (a CUDA
+    backward is not bit-reproducible across processes) and the eigen-solve of hessian directions is not repeated."""
+    directions = None
+    if shard.rank == 0:
+        # float32 whatever the grid's dtype: the directions fix the plane, so a bf16 surface lies on the very plane
+        # of the float32 one and differs only by its evaluation (one gradient pass: cheap)
+        directions = prompt_directions(model, params, batches, spec.directions, spec.norm, spec.seed, names,
+                                       [{k: v.to(model.device) for k, v in o.items()} for o in others], trajectory)
+    if shard.world == 1:
+        return directions
+    on_cpu = None if directions is None else replace(
+        directions, center={}, d1={k: v.cpu() for k, v in directions.d1.items()},
+        d2={k: v.cpu() for k, v in directions.d2.items()})
+    sent = shard.gather(on_cpu)[0]
+    device = params["prompt"].device
+    return replace(sent, center={k: v.detach().float() for k, v in params.items()},
+                   d1={k: v.to(device) for k, v in sent.d1.items()}, d2={k: v.to(device) for k, v in sent.d2.items()})
 
 
 def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: bool, save_every: float,

@@ -48,6 +48,8 @@ class Surface:
 
     alphas: (nx,), betas: (ny,) strictly increasing, both containing exactly 0.0.
     loss, accuracy: (nx, ny), NaN where not computed. direction_1/2: (P, D) or None (input space).
+    head_directions: with --params all, the other perturbed tensors' directions, keyed
+    "direction_1.<name>" / "direction_2.<name>" as in the npz (a resume evaluates the very same plane).
     spec: the JSON side (SPEC_KEYS plus free metadata: method, task, examples, created, ...).
     """
 
@@ -58,6 +60,7 @@ class Surface:
     spec: dict = field(default_factory=dict)
     direction_1: np.ndarray | None = None
     direction_2: np.ndarray | None = None
+    head_directions: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problem = _shape_problem(self)
@@ -157,7 +160,7 @@ def save_surface(surface: Surface, path: str | os.PathLike) -> tuple[Path, Path]
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     surface.spec = {**surface.spec, "format": FORMAT, "points": surface.points_done}
     arrays = {key: getattr(surface, key) for key in ARRAY_KEYS + DIRECTION_KEYS
-              if getattr(surface, key) is not None}
+              if getattr(surface, key) is not None} | surface.head_directions
     text = dumps(surface.spec)
     # Arrays first: a crash between the two writes leaves a spec that under-reports points,
     # never one that claims data the npz lacks.
@@ -199,6 +202,7 @@ def load_surface(path: str | os.PathLike) -> Surface:
     surface.spec = spec
     for key in ARRAY_KEYS + DIRECTION_KEYS:
         setattr(surface, key, arrays.get(key))
+    surface.head_directions = {k: v for k, v in arrays.items() if k.startswith(tuple(f"{d}." for d in DIRECTION_KEYS))}
     problem = _shape_problem(surface)
     if problem:
         raise ValueError(f"surface file {npz_path} is inconsistent: {problem}; {mend}")

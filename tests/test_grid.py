@@ -262,3 +262,31 @@ def test_hessian_work_refuses_attention_without_second_derivative(tiny_dirs):
     model.backbone.config._attn_implementation = "flash_attention_2"  # as a flash-attention load would record
     with pytest.raises(ValueError, match="no second derivative"):
         model.check_double_backward()
+
+
+def test_resume_with_params_all_reuses_the_saved_head_directions(tiny_bert_model, tmp_path, monkeypatch):
+    model, spec = tiny_bert_model, _spec(params="all", chunk=5, directions="random")
+    reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "s", progress=False)
+    assert set(reference.head_directions) == {f"direction_{d}.{k}" for d in (1, 2) for k in model.params if k != "prompt"}
+    saved = load_surface(tmp_path / "s")
+    for key, value in reference.head_directions.items():
+        np.testing.assert_array_equal(saved.head_directions[key], value)
+    saved.loss[2:, :] = np.nan  # an interrupted run: resume must evaluate on the stored plane, not recompute it
+    from landscape.surface import save_surface
+
+    save_surface(saved, tmp_path / "s")
+    monkeypatch.setattr(grid, "prompt_directions", lambda *a, **k: pytest.fail("directions recomputed on resume"))
+    resumed = surface_for_params(model, model.params, _examples(), spec, tmp_path / "s", progress=False)
+    np.testing.assert_array_equal(resumed.loss, reference.loss)
+
+
+def test_other_ranks_take_rank_zeros_directions(tiny_bert_model, monkeypatch):
+    """Rank 1 computes no directions; it evaluates on exactly what rank 0 sent."""
+    model = tiny_bert_model
+    batches, _ = encode_examples(model, _examples(), 4)
+    sent = prompt_directions(model, model.params, batches, "random", "filter", seed=7)
+    shard = grid.Shard(rank=1, world=2, gather=lambda item: [grid.replace(sent, center={}), item])
+    monkeypatch.setattr(grid, "prompt_directions", lambda *a, **k: pytest.fail("rank 1 computed directions"))
+    got = grid._shared_directions(model, model.params, batches, _spec(), ["prompt"], (), None, shard)
+    torch.testing.assert_close(got.d1["prompt"], sent.d1["prompt"], rtol=0, atol=0)
+    torch.testing.assert_close(got.center["prompt"], model.params["prompt"].float(), rtol=0, atol=0)

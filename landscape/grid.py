@@ -100,21 +100,40 @@ SPEC_FLAGS = {
 }
 
 
+# Grid and examples of a command line that leaves them out: paper-grade where it is cheap, minutes where it is not.
+# CPU: the bf16 grid runs at ~190 example-points/s on 2 cores (bench/grid.py), so 441 points on 64 examples take
+# ~2.5 min a checkpoint and a two-checkpoint comparison with every metric stays under ~10 min.
+DEVICE_DEFAULTS = {"cuda": ("21x21", 256, "a GPU evaluates 441 points on 256 examples in seconds"),
+                   "cpu": ("21x21", 64, "on a CPU 256 examples would take ~10 min a surface; 64 keep a two-checkpoint "
+                                        "comparison under ~10 min on 2 cores")}
+DEVICE_DEFAULT_FIELDS = ("grid", "examples")
+
+
+def device_defaults(device: str) -> tuple[dict, str]:
+    """{grid, examples} for a command that does not give them, and the reason, by device type."""
+    grid, examples, why = DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
+    return {"grid": grid, "examples": examples}, why
+
+
 def add_surface_arguments(parser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per SurfaceSpec field (--batch-size for batch_size), typed, with its default, help and choices."""
+    """One flag per SurfaceSpec field (--batch-size for batch_size), typed, with its default, help and choices.
+    --grid and --examples default to None: spec_from_args fills them by device (DEVICE_DEFAULTS)."""
     defaults = SurfaceSpec()
     for name, (help_text, choices) in SPEC_FLAGS.items():
         if name in skip:
             continue
-        default = getattr(defaults, name)
+        default = None if name in DEVICE_DEFAULT_FIELDS else getattr(defaults, name)
+        shown = "by device: " + "; ".join(f"{kind} {DEVICE_DEFAULTS[kind][DEVICE_DEFAULT_FIELDS.index(name)]}"
+                                          for kind in DEVICE_DEFAULTS) if name in DEVICE_DEFAULT_FIELDS else default
         kind = {"span": float, "examples": int, "seed": int, "batch_size": int, "chunk": int}.get(name, str)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default, type=kind, choices=choices,
-                            help=f"{help_text} (default: {default})")
+                            help=f"{help_text} (default: {shown})")
 
 
-def spec_from_args(args, **overrides) -> "SurfaceSpec":
-    """The SurfaceSpec of parsed add_surface_arguments flags (overrides win)."""
-    return SurfaceSpec(**{**{name: getattr(args, name) for name in SPEC_FLAGS if hasattr(args, name)}, **overrides})
+def spec_from_args(args, device: str = "cpu", **overrides) -> "SurfaceSpec":
+    """The SurfaceSpec of parsed add_surface_arguments flags; --grid/--examples left out come from device_defaults."""
+    given = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name, None) is not None}
+    return SurfaceSpec(**{**device_defaults(device)[0], **given, **overrides})
 
 
 def grid_axis(count: int, span: float) -> np.ndarray:
@@ -241,11 +260,13 @@ class Shard:
 def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: Split, spec: SurfaceSpec,
                        path: str | Path | None = None, *, others: Sequence[dict[str, Tensor]] = (),
                        trajectory: dict | None = None, metadata: dict | None = None, overwrite: bool = False,
-                       progress: bool = True, save_every: float = 5.0, shard: Shard = Shard()) -> Surface:
+                       progress: bool = True, save_every: float = 5.0, shard: Shard = Shard(),
+                       on_chunk: Callable[[int, float], None] | None = None) -> Surface:
     """The surface of `spec` around params on `examples`; saved to (and resumed from) `path` if given.
 
     With a Shard of world > 1 the chunks are dealt to ranks round-robin and gathered after every round;
-    every rank returns the full surface, rank 0 writes the file.
+    every rank returns the full surface, rank 0 writes the file. on_chunk(points, seconds) is called after every
+    round with the points it evaluated and the seconds it took (e.g. to estimate the time left).
     """
     examples = examples.head(spec.examples)
     spec = replace(spec, dtype=resolve_dtype(spec.dtype, model.device))  # the dtype actually used is recorded
@@ -273,7 +294,7 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], examples: 
     chunk = spec.chunk or auto_chunk(model, batches, surface.loss.size, params["prompt"].shape[-2])
     if shard.world > 1:  # every rank must cut the grid the same way
         chunk = min(c for (c,) in shard.gather((chunk,)))
-    _fill(surface, evaluate, chunk, shard, path, progress, save_every, spec.space)
+    _fill(surface, evaluate, chunk, shard, path, progress, save_every, spec.space, on_chunk)
     return surface
 
 
@@ -354,7 +375,7 @@ def _shared_directions(model, params, batches, spec: SurfaceSpec, names, others,
 
 
 def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: bool, save_every: float,
-          label: str) -> None:
+          label: str, on_chunk: Callable[[int, float], None] | None = None) -> None:
     """Evaluate the missing points chunk by chunk (this shard's chunks), saving every save_every seconds."""
     from tqdm.auto import tqdm
 
@@ -372,12 +393,16 @@ def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: 
     try:
         for start in range(0, len(chunks), shard.world):
             mine = chunks[start + shard.rank] if start + shard.rank < len(chunks) else np.arange(0)
+            round_started = time.time()
             result = _evaluate_chunk(evaluate, grid_a[mine], grid_b[mine], cap) if len(mine) else (np.zeros(0),
                                                                                                   np.zeros(0))
-            for index, loss, accuracy in shard.gather((mine, *result)) if shard.world > 1 else [(mine, *result)]:
+            gathered = shard.gather((mine, *result)) if shard.world > 1 else [(mine, *result)]
+            for index, loss, accuracy in gathered:
                 surface.loss.reshape(-1)[index] = loss
                 surface.accuracy.reshape(-1)[index] = accuracy
                 bar.update(len(index))
+            if on_chunk is not None:
+                on_chunk(sum(len(index) for index, *_ in gathered), time.time() - round_started)
             if writer and time.time() - last_save >= save_every:
                 surface.spec["seconds"] = round(seconds + time.time() - started, 3)
                 save_surface(surface, path)
@@ -401,7 +426,8 @@ def _all_gather(item) -> list:
 def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: SurfaceSpec, path: str | Path | None = None,
                     *, model: PromptModel | None = None, examples: Split | None = None, device: str = "auto",
                     cache_dir: Path | None = None, overwrite: bool = False, progress: bool = True,
-                    save_every: float = 5.0, shard: Shard = Shard()) -> Surface:
+                    save_every: float = 5.0, shard: Shard = Shard(),
+                    on_chunk: Callable[[int, float], None] | None = None) -> Surface:
     """The surface of `spec` around the first checkpoint (interp: through all of them), saved to `path`."""
     checkpoints = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
     first = checkpoints[0]
@@ -436,7 +462,7 @@ def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: Surfac
                 "checkpoint_seed": first.meta.get("seed")}
     return surface_for_params(model, first.params, examples, spec, path, others=[c.params for c in checkpoints[1:]],
                               trajectory=first.trajectory, metadata=metadata, overwrite=overwrite,
-                              progress=progress, save_every=save_every, shard=shard)
+                              progress=progress, save_every=save_every, shard=shard, on_chunk=on_chunk)
 
 
 def main(argv: list[str] | None = None) -> Surface:
@@ -455,8 +481,8 @@ def main(argv: list[str] | None = None) -> Surface:
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
     args = p.parse_args(argv)
     cli.quiet_transformers()
-    spec = spec_from_args(args)
     device, shard = cli.auto_device(args.device), Shard()
+    spec = spec_from_args(args, device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this rank's share, gathered after every round
         import torch.distributed as dist
 

@@ -8,8 +8,10 @@ measured, and the statistics across checkpoints are computed once. Drawing is th
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -83,21 +85,60 @@ def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray
     return coords.T.round(6).tolist()
 
 
-def plan(checkpoints: list, spec: SurfaceSpec, spaces: tuple[str, ...], metrics: MetricsConfig, device: str) -> str:
-    """One line saying what compare() will compute, in which dtype, on which device."""
+def plan(checkpoints: list, spec: SurfaceSpec, spaces: tuple[str, ...], metrics: MetricsConfig, device: str,
+         defaulted: tuple[str, ...] = ()) -> str:
+    """What compare() will compute, in which dtype, on which device; `defaulted` names the flags that took their
+    device default (grid.DEVICE_DEFAULTS), and the plan says why."""
+    from landscape.grid import device_defaults
     from ptp_core.backbones import resolve_dtype
 
     points = spec.shape[0] * spec.shape[1]
-    return (f"plan: {len(checkpoints)} checkpoint(s) x {len(spaces)} space(s) x {points} points "
+    line = (f"plan: {len(checkpoints)} checkpoint(s) x {len(spaces)} space(s) x {points} points "
             f"({spec.shape[0]}x{spec.shape[1]}) on {spec.examples} {spec.split} examples, "
             f"{resolve_dtype(spec.dtype, device)} on {device}; metrics {','.join(metrics.which)} on "
             f"{metrics.examples} examples")
+    if defaulted:
+        flags = " and ".join(f"--{name}" for name in defaulted)
+        line += f"\n      {flags}: the {device.split(':')[0]} default ({device_defaults(device)[1]}); give {flags} to change"
+    return line
+
+
+@dataclass
+class Clock:
+    """Says how long compare() will take: from the first measured chunk, then from the first whole checkpoint."""
+
+    report: Callable[[str], None]
+    points: int  # grid points of every surface of the comparison
+    checkpoints: int
+    started: float = field(default_factory=time.time)
+    first_chunk: bool = True
+
+    def chunk(self, points: int, seconds: float) -> None:
+        if self.first_chunk and points:
+            self.first_chunk = False
+            self.report(f"estimate: the first chunk took {seconds:.1f} s for {points} points, so the surfaces take "
+                        f"about {_minutes(seconds / points * self.points)} ({self.points} points; fewer if resumed), "
+                        "metrics on top")
+
+    def checkpoint_done(self, index: int) -> None:
+        if index == 0 and self.checkpoints > 1:
+            spent = time.time() - self.started
+            self.report(f"estimate: the first checkpoint took {_minutes(spent)} (surfaces and metrics), so about "
+                        f"{_minutes(spent * (self.checkpoints - 1))} are left")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
-            spaces: tuple[str, ...] = ("prompt",), *, device: str = "cpu", cache_dir: Path | None = None,
-            overwrite: bool = False, progress: bool = True) -> Comparison:
-    """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics."""
+            spaces: tuple[str, ...] = ("prompt",), *, device: str = "auto", cache_dir: Path | None = None,
+            overwrite: bool = False, progress: bool = True, report: Callable[[str], None] | None = None) -> Comparison:
+    """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics.
+
+    report(line), if given, receives time estimates: after the first grid chunk and after the first checkpoint."""
+    from ptp_core.backbones import resolve_device
+
     from ptp_core.checkpoint import load_checkpoint
 
     if not checkpoints:
@@ -109,20 +150,24 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     loaded = [load_checkpoint(p) for p in checkpoints]
     tasks = _tasks(loaded)  # every task loads before anything is written
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
+    device = resolve_device(device)
+    clock = Clock(report, len(groups) * len(spaces) * spec.shape[0] * spec.shape[1], len(groups)) if report else None
     models = {}  # one backbone per model (checkpoints differ only in their params), all loaded before any writing
     for group in groups:
         key = _model_key(group[0].meta)
         if key not in models:
             models[key] = group[0].build_model(device, cache_dir=cache_dir)
     surfaces, rows = {}, []
-    for group in groups:
+    for index, group in enumerate(groups):
         checkpoint, meta = group[0], group[0].meta
         model, examples = models[_model_key(meta)], tasks[meta["task"]].splits[spec.split]
-        mine = {space: _surface(group, specs[space], Path(out), model, examples, overwrite, progress)
-                for space in spaces}
+        mine = {space: _surface(group, specs[space], Path(out), model, examples, overwrite, progress,
+                                clock.chunk if clock else None) for space in spaces}
         surfaces.update({(str(checkpoint.path), space): s for space, s in mine.items()})
         params = {k: v.to(model.device) for k, v in checkpoint.params.items()}
         rows.append(_measure(model, params, examples, mine, metrics, checkpoint))
+        if clock:
+            clock.checkpoint_done(index)
     return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
 
 
@@ -167,13 +212,14 @@ def _tasks(checkpoints) -> dict:
     return tasks
 
 
-def _surface(group, spec: SurfaceSpec, out: Path, model, examples, overwrite: bool, progress: bool) -> Surface:
+def _surface(group, spec: SurfaceSpec, out: Path, model, examples, overwrite: bool, progress: bool,
+             on_chunk=None) -> Surface:
     from landscape.grid import compute_surface
 
     checkpoint = group[0]
     path = out / "surfaces" / f"{run_label(checkpoint.meta, checkpoint.path)}-{spec.space}"
     surface = compute_surface(group, spec, path, model=model, examples=examples, overwrite=overwrite,
-                              progress=progress)
+                              progress=progress, on_chunk=on_chunk)
     if spec.space == "prompt" and spec.directions in ("pca", "interp") and checkpoint.trajectory is not None:
         surface.spec["trajectory"] = project_trajectory(surface, checkpoint.trajectory["prompts"].numpy(),
                                                        checkpoint.params["prompt"].numpy())

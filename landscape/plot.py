@@ -104,15 +104,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
         from landscape.measure import MetricsConfig
         from landscape.pipeline import compare, find_checkpoints, plan
 
-        spec = spec_from_args(args, space="prompt")  # --space both: compare() makes one spec per space
+        device = cli.auto_device(args.device)
+        spec = spec_from_args(args, device, space="prompt")  # --space both: compare() makes one spec per space
         metrics = MetricsConfig(tuple(m for m in args.metrics.split(",") if m), args.metric_examples,
                                 params=args.params, seed=args.seed)
         checkpoints = find_checkpoints(args.checkpoints)
         cli.quiet_transformers()
         spaces = ("prompt", "input") if args.space == "both" else (args.space,)
-        print(plan(checkpoints, spec, spaces, metrics, cli.auto_device(args.device)), flush=True)
-        comparison = compare(checkpoints, spec, metrics, config.out, spaces, device=cli.auto_device(args.device),
-                             cache_dir=cli.cache_dir(), overwrite=args.overwrite, progress=args.progress)
+        defaulted = tuple(name for name in ("grid", "examples") if getattr(args, name) is None)
+        print(plan(checkpoints, spec, spaces, metrics, device, defaulted), flush=True)
+        comparison = compare(checkpoints, spec, metrics, config.out, spaces, device=device, cache_dir=cli.cache_dir(),
+                             overwrite=args.overwrite, progress=args.progress,
+                             report=lambda line: print(line, flush=True))
     written = draw(comparison, config)
     print(console_table(comparison.rows))
     print(f"wrote {len(written)} files to {config.out} in {time.time() - started:.0f} s")

@@ -302,3 +302,48 @@ def save_figure(fig: Figure, path_stem: str | os.PathLike, formats: Sequence[str
             write_atomic(target, lambda stream: stream.write(buffer.getvalue()))
             written.append(target)
     return written
+
+
+# Path colours of connectivity(): neither is a method colour, since the method colours mark the two end checkpoints.
+PATH_COLORS = {"linear": "#D55E00", "curve": "#CC79A7"}
+
+
+def connectivity(result: Mapping | object, *, style: str = "paper") -> Figure:
+    """Loss along t for the straight line and the trained Bezier curve between two checkpoints, barriers marked.
+
+    result: the dict of connect.json or a landscape.connect.ConnectResult: t (T,), linear_loss and curve_loss (T,),
+    linear_barrier / curve_barrier and the t of each, method_a/b and seed_a/b for the ends. The barrier
+    max_t L(t) − ((1 − t) L(0) + t L(1)) (Frankle et al. 2020) is drawn as a segment from the chord to the path.
+    """
+    data = result if isinstance(result, Mapping) else result.to_dict()
+    missing = [k for k in ("t", "linear_loss", "curve_loss") if k not in data]
+    if missing:
+        raise ValueError(f"connectivity data lacks {', '.join(missing)}; pass connect.json or a ConnectResult")
+    t = np.asarray(data["t"], dtype=float)  # (T,)
+    with _rc(style) as s:
+        fig = Figure(figsize=(s["column"], s["panel_height"] * 1.5), layout="constrained")  # legend below
+        ax = fig.subplots()
+        ends = np.asarray(data["linear_loss"], dtype=float)[[0, -1]]  # L(A), L(B): both paths share them
+        ax.plot([0.0, 1.0], ends, color="0.6", linestyle=":", linewidth=s["line"] * 0.7,
+                label="chord (1 − t) L(0) + t L(1)")
+        for key, name, dashes in (("linear", "linear path", "--"), ("curve", "Bezier curve", "-")):
+            loss = np.asarray(data[f"{key}_loss"], dtype=float)  # (T,)
+            height, where = data.get(f"{key}_barrier"), data.get(f"{key}_barrier_t")
+            label = name if height is None else f"{name}, barrier {height:.3g}"
+            ax.plot(t, loss, dashes, color=PATH_COLORS[key], label=label)
+            if height is not None and where is not None and height > 0:  # a path below its chord has none to mark
+                i = int(np.argmin(np.abs(t - where)))
+                chord = (1 - t[i]) * ends[0] + t[i] * ends[1]
+                ax.vlines(t[i], chord, loss[i], color=PATH_COLORS[key], linewidth=s["line"] * 1.5)
+                ax.annotate(f"{height:.3g}", (t[i], (chord + loss[i]) / 2), xytext=(3, 0), textcoords="offset points",
+                            color=PATH_COLORS[key], va="center", fontsize=s["font"] - 1)
+        for k, (x, side, marker) in enumerate(((0.0, "a", "o"), (1.0, "b", "s"))):
+            method, seed = data.get(f"method_{side}"), data.get(f"seed_{side}")
+            label = (method or ("first", "second")[k] + " checkpoint") + ("" if seed is None else f" seed {seed}")
+            ax.plot([x], [ends[k]], marker=marker, linestyle="none", color=method_color(method or "", k),
+                    markeredgecolor="black", markeredgewidth=0.4, markersize=s["marker"] * 1.3, label=label, zorder=3)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("t (0: first checkpoint, 1: second)")
+        ax.set_ylabel("loss")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
+    return fig

@@ -42,6 +42,11 @@ class PerturbConfig:
     adv_free: bool = False  # FreeLB (Zhu et al. 2020): average the prompt's gradients over the K ascent steps
     rho: float = 0.05  # relative radius of the prompt ball (SAM's rho, relative to the embedding RMS)
     swaps: int = 1  # HotFlip: token substitutions per input
+    # Schedule of lam: 0 (train clean) for the first reg_warmup steps, then linear from 0 to lam over reg_ramp steps.
+    # Adversarial training commonly delays or ramps its term so that the model first learns (README, Results:
+    # without it PTP-ADV can hold a seed on the constant predictor, which is perfectly robust)
+    reg_warmup: int = 0
+    reg_ramp: int = 0
 
     def __post_init__(self):
         for name, value, choices in (("target", self.target, TARGETS), ("noise", self.noise, NOISES),
@@ -58,6 +63,20 @@ class PerturbConfig:
             raise ValueError(f"--adv-steps must be >= 1, got {self.adv_steps}")
         if self.swaps < 0:
             raise ValueError(f"--swaps must be >= 0, got {self.swaps}")
+        if self.adv_free and self.adv_steps < 2:
+            # FreeLB's K = 1 would take no ascent step at all: the perturbation would be the random start only
+            raise ValueError(f"--adv-free (FreeLB) needs --adv-steps >= 2, got {self.adv_steps}; FreeLB's first step "
+                             "is the random start, so K = 1 never ascends (drop --adv-free for one PGD step)")
+        if self.reg_warmup < 0 or self.reg_ramp < 0:
+            raise ValueError(f"--reg-warmup and --reg-ramp must be >= 0 steps, got {self.reg_warmup} and {self.reg_ramp}")
+
+    def weight_at(self, step: int) -> float:
+        """lam at training step `step` (1-based): 0 through reg_warmup, then a linear ramp to reg_weight."""
+        if step <= self.reg_warmup:
+            return 0.0
+        if self.reg_ramp == 0:
+            return self.reg_weight
+        return self.reg_weight * min(1.0, (step - self.reg_warmup) / self.reg_ramp)
 
 
 _RMS: "weakref.WeakKeyDictionary[torch.nn.Module, float]" = weakref.WeakKeyDictionary()
@@ -227,8 +246,10 @@ def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, conf
                clean_gradient: Tensor) -> Tensor:
     """(P, D) worst-case prompt offset in the rho-ball: SAM's e = rho g/|g| (Foret et al. 2021), K-step PGD."""
     prompt = params["prompt"].detach()
-    radius = torch.tensor(config.rho * embedding_rms(model) * math.sqrt(prompt.numel()), device=prompt.device)
-    radius = radius.view(1, 1, 1)
+    # L2: the ball of per-coordinate RMS rho * RMS(E) has radius rho * RMS(E) * sqrt(P * D); L-inf bounds each
+    # coordinate by rho * RMS(E) itself (the same convention as ball_radius for the input)
+    scale = math.sqrt(prompt.numel()) if config.adv_norm == "l2" else 1.0
+    radius = torch.full((1, 1, 1), config.rho * embedding_rms(model) * scale, device=prompt.device)
     offset = ascent_step(torch.zeros_like(prompt)[None], clean_gradient[None], radius, config.adv_step_size,
                          config.adv_norm)  # (1, P, D)
     frozen = {k: v.detach() for k, v in params.items()}
@@ -241,8 +262,12 @@ def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, conf
 
 
 def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,
-                  config: PerturbConfig, generator: torch.Generator) -> dict[str, float]:
-    """Accumulate d[CE(clean) + lam CE(perturbed)]/d(params) into params' .grad; return the losses to log."""
+                  config: PerturbConfig, generator: torch.Generator, reg_weight: float | None = None
+                  ) -> dict[str, float]:
+    """Accumulate d[CE(clean) + lam CE(perturbed)]/d(params) into params' .grad; return the losses to log.
+
+    reg_weight: lam at this step (PerturbConfig.weight_at); None: config.reg_weight."""
+    weight = config.reg_weight if reg_weight is None else reg_weight
     adversarial = method == "ptp-adv"
     needs_input_gradient = adversarial and not config.adv_free and config.target in ("input", "text")
     zero = None
@@ -272,7 +297,7 @@ def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, m
                       mask_text(model, batch, config.mask_rate, config.replacement, generator))
         perturbed, perturbed_grads, _ = _losses_and_grads(model, perturbed_params, inputs, perturbation)
     for p, g_clean, g_perturbed in zip(params.values(), grads, perturbed_grads):
-        g = g_clean + config.reg_weight * g_perturbed
+        g = g_clean + weight * g_perturbed
         p.grad = g if p.grad is None else p.grad + g
     clean, perturbed = clean.item(), perturbed.item()
-    return {"loss": clean + config.reg_weight * perturbed, "clean_loss": clean, "perturbed_loss": perturbed}
+    return {"loss": clean + weight * perturbed, "clean_loss": clean, "perturbed_loss": perturbed, "reg_weight": weight}

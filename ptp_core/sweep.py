@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ptp_core.checkpoint import META
 from ptp_core.io import write_text
-from ptp_core.train import TrainConfig, train
+from ptp_core.train import COLLAPSE_TOLERANCE, TrainConfig, train
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
                    "test_accuracy_max", "best_validation_accuracy_mean", "best_validation_accuracy_std",
-                   "validation_curve_seed_std_mean", "validation_curve_seed_std_final")
+                   "validation_curve_seed_std_mean", "validation_curve_seed_std_final", "collapsed")
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -92,36 +92,48 @@ def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
             curves = [validation_curve(m) for m in metas]
             steps = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated by every seed
             spread = [_std([c[s] for c in curves]) for s in steps]
-            row.update(test_accuracy_mean=statistics.fmean(test), test_accuracy_std=_std(test),
+            row.update(collapsed=sum(bool(m["metrics"].get("collapsed")) for m in metas),
+                       test_accuracy_mean=statistics.fmean(test), test_accuracy_std=_std(test),
                        test_accuracy_min=min(test), test_accuracy_max=max(test),
                        best_validation_accuracy_mean=statistics.fmean(valid), best_validation_accuracy_std=_std(valid),
                        validation_curve_seed_std_mean=statistics.fmean(spread) if spread else math.nan,
                        validation_curve_seed_std_final=spread[-1] if spread else math.nan)
-        rows.append({k: row.get(k, math.nan) for k in SUMMARY_COLUMNS})
+        rows.append({k: row.get(k, 0 if k == "collapsed" else math.nan) for k in SUMMARY_COLUMNS})
     return rows
 
 
-def summary_markdown(rows: list[dict]) -> str:
-    """The summary as a markdown table (accuracies in %, std over seeds with ddof=1)."""
+def collapsed_runs(out: str | Path, methods: list[str], seeds: list[int]) -> list[str]:
+    """'method seed K' for every complete run whose last validation loss sat on the label prior's entropy."""
+    return [f"{method} seed {seed}" for seed in seeds for method in methods
+            if (meta := read_meta(run_dir(Path(out), method, seed))) and meta.get("status") == "complete"
+            and meta["metrics"].get("collapsed")]
+
+
+def summary_markdown(rows: list[dict], collapsed: list[str] = ()) -> str:
+    """The summary as a markdown table (accuracies in %, std over seeds with ddof=1), then the collapsed runs."""
     def pct(value):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
     lines = ["| method | runs | test acc mean | std | min | max | best val acc mean | std | "
-             "val-curve seed std (mean over steps) | (final) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "val-curve seed std (mean over steps) | (final) | collapsed to the constant predictor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:]) + " |")
+        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:-1])
+                     + f" | {r['collapsed']} |")
+    if collapsed:
+        lines += ["", f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
+                      f"the label prior's entropy): {', '.join(collapsed)}."]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: str | Path, rows: list[dict]) -> tuple[Path, Path]:
+def write_summary(out: str | Path, rows: list[dict], collapsed: list[str] = ()) -> tuple[Path, Path]:
     """OUT/summary.csv and OUT/summary.md, each written to a temp file and renamed into place."""
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return write_text(Path(out) / "summary.csv", buffer.getvalue()), \
-        write_text(Path(out) / "summary.md", summary_markdown(rows))
+        write_text(Path(out) / "summary.md", summary_markdown(rows, collapsed))
 
 
 def _int_list(text: str) -> list[int]:
@@ -170,8 +182,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.distributed.barrier()
     if rank == 0:
         rows = summarize_runs(args.out, args.methods, args.seeds)
-        csv_path, md_path = write_summary(args.out, rows)
-        print(summary_markdown(rows), end="")
+        collapsed = collapsed_runs(args.out, args.methods, args.seeds)
+        csv_path, md_path = write_summary(args.out, rows, collapsed)
+        print(summary_markdown(rows, collapsed), end="")
         print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")
     cli.end_distributed()
     return done

@@ -97,14 +97,34 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+COLLAPSE_TOLERANCE = 0.01  # nats: a validation loss this close to the label prior's entropy is a constant predictor
+
+
+def label_prior_entropy(labels: list[int], num_labels: int) -> float:
+    """Entropy (nats) of the training labels' distribution: the CE of the best input-independent predictor."""
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double()
+    prior = counts[counts > 0] / counts.sum()
+    return float(-(prior * prior.log()).sum())
+
+
+def collapsed(log: list[dict], prior_entropy: float, tolerance: float = COLLAPSE_TOLERANCE) -> bool:
+    """True when the run's last validation loss lies within `tolerance` of the label prior's entropy: it ended as
+    the constant predictor (every input the same prediction), which the adversarial term alone can prefer."""
+    losses = [row["validation_loss"] for row in log if "validation_loss" in row]
+    return bool(losses) and abs(losses[-1] - prior_entropy) <= tolerance
+
+
 def step_gradients(model: PromptModel, params: dict[str, Tensor], batch, config: TrainConfig,
-                   generator: torch.Generator) -> dict[str, float]:
-    """Backpropagate this method's training loss into params; return the losses to log."""
-    if config.method != "pt":
-        return ptp_gradients(model, params, batch, config.method, config.perturb, generator)
+                   generator: torch.Generator, step: int = 1) -> dict[str, float]:
+    """Backpropagate this method's training loss at `step` (1-based) into params; return the losses to log.
+
+    While the regularizer's weight is 0 (--reg-warmup) a PTP step is a PT step: no perturbation is drawn."""
+    weight = config.perturb.weight_at(step)
+    if config.method != "pt" and weight > 0:
+        return ptp_gradients(model, params, batch, config.method, config.perturb, generator, weight)
     clean = model.loss(params, batch).mean()
     clean.backward()
-    return {"loss": clean.item(), "clean_loss": clean.item()}
+    return {"loss": clean.item(), "clean_loss": clean.item(), **({"reg_weight": 0.0} if config.method != "pt" else {})}
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -145,6 +165,7 @@ def train(config: TrainConfig) -> Path:
     warmup = max(1, int(config.warmup_ratio * config.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup))
     train_split = task.splits["train"]
+    prior_entropy = label_prior_entropy(train_split.labels, task.num_labels)
     valid_batches = encode_split(model, task.splits["validation"].head(config.eval_examples))
     log, snapshots, steps_seen = [], [params["prompt"].detach().cpu().clone()], [0]
     best = {"accuracy": -1.0, "step": 0, "params": {k: v.detach().clone() for k, v in params.items()}}
@@ -157,7 +178,7 @@ def train(config: TrainConfig) -> Path:
         batch = model.encode([train_split.texts[i] for i in index], [train_split.labels[i] for i in index])
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, compute):
-            losses = step_gradients(model, params, batch, config, noise)
+            losses = step_gradients(model, params, batch, config, noise, step)
         if not all(math.isfinite(v) for v in losses.values()):
             status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
             break
@@ -172,7 +193,9 @@ def train(config: TrainConfig) -> Path:
         if step % config.eval_every == 0 or step == config.steps:
             with autocast(device, compute):
                 result = evaluate(model, params, valid_batches)
-            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"]})
+            recent = [row["clean_loss"] for row in log[-config.eval_every:] if "clean_loss" in row]
+            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"],
+                        "clean_loss_mean": sum(recent) / max(1, len(recent)), "label_prior_entropy": prior_entropy})
             if result["accuracy"] > best["accuracy"]:
                 best = {"accuracy": result["accuracy"], "step": step,
                         "params": {k: v.detach().clone() for k, v in params.items()}}
@@ -190,6 +213,7 @@ def train(config: TrainConfig) -> Path:
         "template": template, "num_labels": task.num_labels, "split_sizes": task.sizes(), "status": status,
         "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_n": test["n"],
                     "best_validation_accuracy": best["accuracy"], "best_step": best["step"],
+                    "label_prior_entropy": prior_entropy, "collapsed": collapsed(log, prior_entropy),
                     "seconds": round(time.time() - started, 1)},
         "log": log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -249,6 +273,10 @@ def add_arguments(p) -> None:
                    help="ptp-adv input: FreeLB, average the prompt's gradients over the K steps")
     g.add_argument("--rho", type=float, default=q.rho, help="ptp-adv prompt: relative radius of the prompt ball")
     g.add_argument("--swaps", type=int, default=q.swaps, help="ptp-adv text: HotFlip substitutions per input")
+    g.add_argument("--reg-warmup", type=int, default=q.reg_warmup,
+                   help="train clean (lam = 0) for this many steps before the regularizer starts")
+    g.add_argument("--reg-ramp", type=int, default=q.reg_ramp,
+                   help="then raise lam linearly from 0 to --reg-weight over this many steps")
 
 
 def config_from_args(args, **overrides) -> TrainConfig:

@@ -213,3 +213,20 @@ def tiny_roberta_model(family_dirs):
 def tiny_batch_texts() -> tuple[list[str], list[int]]:
     rows = toy_rows(6, seed=7)
     return [r["text"] for r in rows], [int(r["label"] == "positive") for r in rows]
+
+
+def one_token_hessian(model, batch):
+    """A real prompt-curvature problem small enough for a dense Hessian: one virtual token (D params), the head
+    held. Returns (loss_fn, params {"prompt": (1, D)}, dense (D, D) float64 Hessian, symmetrized)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    held = {k: v.detach() for k, v in model.params.items() if k != "prompt"}
+    params = {"prompt": model.params["prompt"][:1].detach()}  # (1, D)
+
+    def loss_fn(p):
+        return model.loss({**held, **p}, batch).mean(-1)
+
+    with sdpa_kernel(SDPBackend.MATH):  # the one attention kernel with a second derivative
+        dense = torch.autograd.functional.hessian(lambda v: loss_fn({"prompt": v.float().reshape(1, -1)}).double(),
+                                                  params["prompt"].double().flatten(), vectorize=True)  # (D, D)
+    return loss_fn, params, (dense + dense.T) / 2

@@ -200,20 +200,11 @@ def test_hvp_on_tiny_prompt_model(fixture, tiny_batch_texts, request):
 @pytest.mark.parametrize("fixture", ["tiny_roberta_model", "tiny_gpt2_model", "tiny_t5_model"])
 def test_top_eigenvalue_of_a_real_prompt_model_matches_its_dense_hessian(fixture, tiny_batch_texts, request):
     """Encoder, decoder and encoder-decoder: one virtual token (D = 32), dense 32 x 32 Hessian in float64."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from conftest import one_token_hessian
 
     model = request.getfixturevalue(fixture)
-    batch = model.encode(*tiny_batch_texts)
-    held = {k: v.detach() for k, v in model.params.items() if k != "prompt"}
-    params = {"prompt": model.params["prompt"][:1].detach()}  # (1, D)
-
-    def loss_fn(p):
-        return model.loss({**held, **p}, batch).mean(-1)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        dense = torch.autograd.functional.hessian(lambda v: loss_fn({"prompt": v.float().reshape(1, -1)}).double(),
-                                                  params["prompt"].double().flatten())  # (D, D)
-    expected = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)
+    loss_fn, params, dense = one_token_hessian(model, model.encode(*tiny_batch_texts))
+    expected = torch.linalg.eigvalsh(dense).flip(0)
     got = top_eigenvalues(loss_fn, params, k=2, tol=1e-6, seed=0)
     np.testing.assert_allclose(got.eigenvalues, expected[:2].numpy(), rtol=2e-3, atol=1e-5)
 

@@ -206,3 +206,42 @@ def test_adversarial_input_steps_run_on_a_bfloat16_backbone(tiny_dirs, tiny_batc
         config = PerturbConfig(target="input", adv_steps=2, adv_free=free)
         losses = ptp_gradients(model, params, batch, "ptp-adv", config, torch.Generator().manual_seed(1))
         assert all(np.isfinite(v) for v in losses.values()) and params["prompt"].grad is not None
+
+
+def test_schedule_is_zero_in_the_warmup_then_linear():
+    config = PerturbConfig(reg_weight=0.8, reg_warmup=10, reg_ramp=4)
+    assert [config.weight_at(s) for s in range(1, 11)] == [0.0] * 10
+    assert [config.weight_at(s) for s in (11, 12, 13, 14, 15, 300)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    assert PerturbConfig(reg_weight=0.5).weight_at(1) == 0.5  # no schedule: lam from the first step
+    with pytest.raises(ValueError, match="--reg-warmup"):
+        PerturbConfig(reg_warmup=-1)
+
+
+@pytest.mark.parametrize("method", ["ptp-rn", "ptp-adv"])
+def test_warmup_over_every_step_equals_pt_bitwise(tiny_dirs, toy_csv, tmp_path, method):
+    runs = {}
+    for name, perturbation in (("pt", PerturbConfig()), (method, PerturbConfig(reg_warmup=4, adv_steps=2))):
+        config = TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", method=name, seed=2,
+                             out=str(tmp_path / name), steps=4, batch_size=16, prompt_length=3, eval_every=2,
+                             eval_examples=8, snapshot_every=2, progress=False, dtype="float32", perturb=perturbation)
+        runs[name] = load_checkpoint(train(config))
+    pt, ptp = runs["pt"], runs[method]
+    assert all(torch.equal(pt.params[k], ptp.params[k]) for k in pt.params)
+    assert ptp.meta["perturb"]["reg_warmup"] == 4 and ptp.meta["perturb"]["reg_ramp"] == 0
+    assert [r["reg_weight"] for r in ptp.meta["log"] if "reg_weight" in r] == [0.0] * 4
+
+
+def test_linf_sam_ball_bounds_each_prompt_coordinate(model, batch):
+    config = PerturbConfig(target="prompt", adv_norm="linf", rho=0.05, adv_steps=3)
+    params = _params(model)
+    clean = model.loss(params, batch).mean()
+    (gradient,) = torch.autograd.grad(clean, [params["prompt"]])
+    offset = perturb.sam_prompt(model, params, batch, config, gradient)
+    bound = config.rho * perturb.embedding_rms(model)
+    assert offset.abs().max().item() == pytest.approx(bound, rel=1e-5)  # sign steps of the full radius hit the bound
+    assert (offset.abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_freelb_with_one_step_is_refused():
+    with pytest.raises(ValueError, match="--adv-steps >= 2"):
+        PerturbConfig(target="input", adv_free=True, adv_steps=1)

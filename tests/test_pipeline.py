@@ -106,3 +106,32 @@ def test_project_trajectory_recovers_plane_coordinates():
     for (a, b), snapshot in zip(project_trajectory(surface, off_plane, center), off_plane):
         residual = (snapshot - center).ravel() - basis @ np.array([a, b])
         np.testing.assert_allclose(basis.T @ residual, 0.0, atol=1e-5)
+
+
+def test_left_out_grid_and_examples_take_the_device_default():
+    from landscape.grid import DEVICE_DEFAULTS, spec_from_args
+    from landscape.pipeline import plan
+    from landscape.measure import MetricsConfig
+    from landscape.plot import _parser
+
+    args = _parser().parse_args(["ckpt"])
+    assert args.grid is None and args.examples is None
+    cpu, gpu = spec_from_args(args, "cpu", space="prompt"), spec_from_args(args, "cuda:1", space="prompt")
+    assert (cpu.grid, cpu.examples) == DEVICE_DEFAULTS["cpu"][:2] and (gpu.grid, gpu.examples) == DEVICE_DEFAULTS["cuda"][:2]
+    assert spec_from_args(_parser().parse_args(["ckpt", "--examples", "9"]), "cpu").examples == 9
+    line = plan(["a", "b"], cpu, ("prompt",), MetricsConfig(), "cpu", ("grid", "examples"))
+    assert "--grid and --examples: the cpu default" in line and DEVICE_DEFAULTS["cpu"][2] in line
+
+
+def test_clock_estimates_from_the_first_chunk_then_the_first_checkpoint():
+    from landscape.pipeline import Clock
+
+    said = []
+    clock = Clock(said.append, points=2 * 441, checkpoints=2, started=0.0)
+    clock.chunk(49, 10.0)
+    clock.chunk(49, 10.0)  # only the first chunk speaks
+    assert len(said) == 1 and "about 3.0 min" in said[0]  # 10 s / 49 points * 882 points = 180 s
+    clock.started = __import__("time").time() - 120
+    clock.checkpoint_done(0)
+    clock.checkpoint_done(1)
+    assert len(said) == 2 and "about 2.0 min are left" in said[1]

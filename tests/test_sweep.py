@@ -73,3 +73,25 @@ def test_sweep_bad_methods_get_one_line(tiny_dirs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "ptp_core.sweep", "--methods", "pt,sgd", "--out", str(tmp_path),
                              "--model", tiny_dirs["bert"]], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "--methods" in result.stderr
+
+
+def test_collapse_flag_on_synthetic_logs(tmp_path):
+    from ptp_core.io import write_json
+    from ptp_core.sweep import collapsed_runs, summary_markdown
+    from ptp_core.train import collapsed, label_prior_entropy
+
+    prior = label_prior_entropy([0] * 60 + [1] * 40, 2)
+    assert prior == pytest.approx(-(0.6 * np.log(0.6) + 0.4 * np.log(0.4)))
+    stuck = [{"step": 50, "validation_loss": 0.69}, {"step": 100, "validation_loss": prior + 0.004}]
+    learned = [{"step": 50, "validation_loss": prior}, {"step": 100, "validation_loss": prior - 0.2}]
+    assert collapsed(stuck, prior) and not collapsed(learned, prior) and not collapsed([], prior)
+    for seed, log in enumerate((stuck, learned, stuck)):
+        path = run_dir(tmp_path, "ptp-adv", seed)
+        path.mkdir(parents=True)
+        write_json(path / "ptp.json", {"status": "complete", "log": log, "metrics": {
+            "test_accuracy": 0.5, "best_validation_accuracy": 0.5, "collapsed": collapsed(log, prior)}})
+    rows = summarize_runs(tmp_path, ["ptp-adv"], [0, 1, 2])
+    assert rows[0]["collapsed"] == 2
+    names = collapsed_runs(tmp_path, ["ptp-adv"], [0, 1, 2])
+    assert names == ["ptp-adv seed 0", "ptp-adv seed 2"]
+    assert "collapsed to the constant predictor" in summary_markdown(rows, names)

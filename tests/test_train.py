@@ -140,9 +140,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, toy
     real = trainer.step_gradients
     calls = {"n": 0}
 
-    def diverging(model, params, batch, config, generator):
+    def diverging(model, params, batch, config, generator, step):
         calls["n"] += 1
-        return real(model, params, batch, config, generator) if calls["n"] < 12 else {"loss": float("nan")}
+        return real(model, params, batch, config, generator, step) if calls["n"] < 12 else {"loss": float("nan")}
 
     monkeypatch.setattr(trainer, "step_gradients", diverging)
     with pytest.raises(ValueError, match="non-finite loss at step 12"):

@@ -168,7 +168,8 @@ def _first_crossing(distance: np.ndarray, loss: np.ndarray, threshold: float) ->
 def metrics_row(
     checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
     surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
-    input_worst_case=None, input_average=None, settings: dict | None = None, **extra,
+    input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, settings: dict | None = None,
+    **extra,
 ) -> dict:
     """One metrics.json row under DESIGN.md's key names.
 
@@ -192,6 +193,13 @@ def metrics_row(
     if trace is not None:
         row.update(hessian_trace=trace.trace, hessian_trace_stderr=trace.stderr)
         cost["hessian_trace_hvps"] = trace.hvps
+    if spectrum is not None:  # landscape.spectrum.SpectrumResult: the density's quadrature, not a column
+        row.update(hessian_spectrum_nodes=spectrum.nodes, hessian_spectrum_weights=spectrum.weights)
+        cost["hessian_spectrum_hvps"] = spectrum.hvps
+    if min_eigen is not None:  # landscape.spectrum.MinEigenResult: < 0 (beyond its residual) is a saddle
+        row.update(hessian_min_eigenvalue=min_eigen.eigenvalue,
+                   hessian_min_eigenvalue_residual=min_eigen.residual_norm)
+        cost["hessian_min_eigen_hvps"] = min_eigen.hvps
     for prefix, result in (("", worst_case), ("input_", input_worst_case)):
         if result is not None:
             row[f"{prefix}worst_case_sharpness"] = result.sharpness

@@ -8,8 +8,9 @@ measured, and the statistics across checkpoints are computed once. Drawing is th
 """
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from landscape.grid import SurfaceSpec
 from landscape.measure import MetricsConfig
 from landscape.stats import Statistics, statistics
 from landscape.surface import Surface, load_surface, save_surface
+from ptp_core.io import to_json
 
 SPACES = ("prompt", "input")
 
@@ -31,6 +33,7 @@ class Comparison:
     rows: list[dict]  # metrics.json rows; input-space numbers carry the input_ prefix
     stats: Statistics
     metadata: dict = field(default_factory=dict)
+    connections: list[dict] = field(default_factory=list)  # connect.json of every pair of seeds within a method
 
     def row(self, checkpoint: str) -> dict:
         return next((r for r in self.rows if r["checkpoint"] == checkpoint), {})
@@ -133,10 +136,12 @@ def _minutes(seconds: float) -> str:
 
 def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
             spaces: tuple[str, ...] = ("prompt",), *, device: str = "auto", cache_dir: Path | None = None,
-            overwrite: bool = False, progress: bool = True, report: Callable[[str], None] | None = None) -> Comparison:
+            overwrite: bool = False, progress: bool = True, report: Callable[[str], None] | None = None,
+            connect: "ConnectConfig | None" = None) -> Comparison:
     """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics.
 
-    report(line), if given, receives time estimates: after the first grid chunk and after the first checkpoint."""
+    report(line), if given, receives time estimates: after the first grid chunk and after the first checkpoint.
+    connect: also connect every pair of seeds within a method (landscape.connect; cached under out/connect/)."""
     from ptp_core.backbones import resolve_device
 
     from ptp_core.checkpoint import load_checkpoint
@@ -149,6 +154,7 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
              for space in spaces}  # input space has per-example gradient directions only
     loaded = [load_checkpoint(p) for p in checkpoints]
     tasks = _tasks(loaded)  # every task loads before anything is written
+    pairs = _seed_pairs(loaded) if connect is not None else []
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
     device = resolve_device(device)
     clock = Clock(report, len(groups) * len(spaces) * spec.shape[0] * spec.shape[1], len(groups)) if report else None
@@ -168,7 +174,10 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
         rows.append(_measure(model, params, examples, mine, metrics, checkpoint))
         if clock:
             clock.checkpoint_done(index)
-    return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
+    connections = [_connection(a, b, models[_model_key(a.meta)], tasks[a.meta["task"]], connect, Path(out), progress)
+                   for a, b in pairs]
+    return Comparison(surfaces, rows, statistics(rows, connections=connections), _metadata(list(surfaces.values())),
+                      connections)
 
 
 def from_surfaces(paths: list[str | Path]) -> Comparison:
@@ -192,6 +201,42 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
                            input_curvature_eigenvalues=values.curvature_eigenvalues)
     rows = list(rows.values())
     return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
+
+
+def _seed_pairs(checkpoints) -> list[tuple]:
+    """Every pair of seeds within each method, checked to share one landscape before anything is computed."""
+    from landscape.connect import check_pair
+
+    by_method: dict[str, list] = {}
+    for checkpoint in checkpoints:
+        by_method.setdefault(checkpoint.meta.get("method", "checkpoint"), []).append(checkpoint)
+    pairs = [pair for group in by_method.values()
+             for pair in itertools.combinations(sorted(group, key=lambda c: (c.meta.get("seed") is None,
+                                                                             c.meta.get("seed") or 0)), 2)]
+    for a, b in pairs:
+        check_pair(a, b)
+    return pairs
+
+
+def _connection(a, b, model, task, config, out: Path, progress: bool) -> dict:
+    """connect.json of the pair: read when it was computed with this config, else computed and written."""
+    import json
+
+    from landscape.connect import RESULT_FILE, connect_params, write_result
+
+    path = out / "connect" / f"{run_label(a.meta, a.path)}--{run_label(b.meta, b.path)}"
+    if (path / RESULT_FILE).exists():
+        saved = json.loads((path / RESULT_FILE).read_text())
+        if (saved.get("hash_a"), saved.get("hash_b"), saved.get("config")) == (
+                a.content_hash(), b.content_hash(), to_json(asdict(config))):
+            return saved
+    result = connect_params(model, a.params, b.params, task.splits["train"], task.splits[config.split], config,
+                            progress)
+    result.info.update(checkpoint_a=str(a.path), checkpoint_b=str(b.path), task=a.meta["task"], head=a.meta["head"],
+                       method_a=a.meta.get("method"), seed_a=a.meta.get("seed"), method_b=b.meta.get("method"),
+                       seed_b=b.meta.get("seed"))
+    write_result(result, path)
+    return to_json(result.to_dict())
 
 
 def _model_key(meta: dict) -> tuple:

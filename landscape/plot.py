@@ -52,12 +52,28 @@ def figures(comparison: Comparison, config: PlotConfig) -> dict[str, Figure]:
                 first, {m: v for m, v in values.items() if v is not None}, sharpness_label="grid sharpness",
                 **style, **limits)
             out[f"contour{suffix}"] = render.contour(first, _trajectories(first) or None, **style, **limits)
+        diagrams = {m: comparison.metric(s, "persistence") for m, s in first.items()}
+        if any(diagrams.values()):
+            out[f"persistence{suffix}"] = render.persistence_diagram(
+                {m: d for m, d in diagrams.items() if d}, _basin_tau(comparison), **style)
         pair = [s for g in groups.values() for s in g]
         if len(pair) == 2 and min(pair[0].shape) > 1 and same_directions(*pair):
             names = [s.spec.get("method") or "a" for s in pair]
             out[f"difference{suffix}"] = render.difference(pair[0], pair[1], label_a=names[0], label_b=names[1],
                                                            **style)
+    quadratures = {}
+    for row in comparison.rows:  # the first checkpoint of each method, as for the surfaces
+        if row.get("hessian_spectrum_nodes") and row.get("method") not in quadratures:
+            quadratures[row["method"]] = (row["hessian_spectrum_nodes"], row["hessian_spectrum_weights"])
+    if quadratures:
+        out["spectrum"] = render.spectrum(quadratures, **style)
+    if comparison.connections:
+        out["connectivity"] = render.connectivity(comparison.connections[0], **style)  # every pair: OUT/connect/
     return out
+
+
+def _basin_tau(comparison: Comparison) -> float | None:
+    return next((r["settings"].get("basin_tau") for r in comparison.rows if r.get("settings")), None)
 
 
 def draw(comparison: Comparison, config: PlotConfig) -> list[Path]:
@@ -113,9 +129,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
         spaces = ("prompt", "input") if args.space == "both" else (args.space,)
         defaulted = tuple(name for name in ("grid", "examples") if getattr(args, name) is None)
         print(plan(checkpoints, spec, spaces, metrics, device, defaulted), flush=True)
+        connect = None
+        if args.connect:
+            from landscape.connect import ConnectConfig
+
+            connect = ConnectConfig(steps=args.connect_steps, split=spec.split, params=args.params, seed=args.seed,
+                                    dtype=spec.dtype if spec.dtype in ("auto", "float32", "bfloat16") else "float32",
+                                    device=device)
         comparison = compare(checkpoints, spec, metrics, config.out, spaces, device=device, cache_dir=cli.cache_dir(),
                              overwrite=args.overwrite, progress=args.progress,
-                             report=lambda line: print(line, flush=True))
+                             report=lambda line: print(line, flush=True), connect=connect)
     written = draw(comparison, config)
     print(console_table(comparison.rows))
     print(f"wrote {len(written)} files to {config.out} in {time.time() - started:.0f} s")
@@ -123,7 +146,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from landscape.connect import ConnectConfig
     from landscape.grid import add_surface_arguments
+    from landscape.measure import DEFAULT_METRICS, METRIC_KINDS
     from ptp_core import cli
 
     p = cli.parser("python -m landscape.plot", "Loss-landscape figures, metrics and an HTML report for checkpoints.")
@@ -132,8 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--surface", nargs="+", default=None, help="re-render saved surface files; no model needed")
     p.add_argument("--space", default="prompt", choices=("prompt", "input", "both"))
     add_surface_arguments(p, skip=("space",))
-    p.add_argument("--metrics", default="surface,hessian,trace,sharpness,input",
-                   help="comma-separated subset of surface,hessian,trace,sharpness,input ('surface' is free)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated subset of {','.join(METRIC_KINDS)} ('surface' is free; spectrum costs "
+                        "~150 HVPs a checkpoint)")
+    p.add_argument("--connect", default=False, action=argparse.BooleanOptionalAction,
+                   help="also connect every pair of seeds within a method (Bezier curve + line: landscape.connect)")
+    p.add_argument("--connect-steps", type=int, default=ConnectConfig.steps, help="Adam steps of each curve")
     p.add_argument("--metric-examples", type=int, default=32, help="examples for the model-based metrics")
     p.add_argument("--style", default="paper", choices=("paper", "slides"))
     p.add_argument("--zmin", type=float, default=None)

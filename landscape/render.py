@@ -347,3 +347,70 @@ def connectivity(result: Mapping | object, *, style: str = "paper") -> Figure:
         ax.set_ylabel("loss")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
     return fig
+
+
+def spectrum(quadratures: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, sigma: float | None = None,
+             style: str = "paper") -> Figure:
+    """Hessian eigenvalue density per method from SLQ quadratures (landscape.spectrum), on a log scale.
+
+    quadratures: label -> (nodes, weights) of one checkpoint (hessian_spectrum_nodes/_weights). Each node is
+    broadened by a Gaussian of std sigma (default: 1% of the range of all nodes), as in Ghorbani et al. 2019.
+    """
+    from landscape.spectrum import spectral_density
+
+    if not quadratures:
+        raise ValueError("spectrum needs at least one (nodes, weights) quadrature; measure with --metrics spectrum")
+    every = np.concatenate([np.asarray(nodes, dtype=float) for nodes, _ in quadratures.values()])
+    span = float(every.max() - every.min()) or max(abs(float(every.max())), 1.0)
+    sigma = sigma or 0.01 * span
+    grid = np.linspace(every.min() - 5 * sigma, every.max() + 5 * sigma, 1000)  # (1000,)
+    with _rc(style) as s:
+        fig = Figure(figsize=(s["column"], s["panel_height"] * 1.2), layout="constrained")
+        ax = fig.subplots()
+        floor = 1e-8  # log axis: show the bulk and the outliers, not the Gaussian tails down to 0
+        for index, (label, (nodes, weights)) in enumerate(quadratures.items()):
+            density = spectral_density(nodes, weights, grid, sigma)  # (1000,)
+            ax.plot(grid, np.maximum(density, floor), color=method_color(label, index), linewidth=s["line"], label=label)
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+        ax.set_xlabel("Hessian eigenvalue (prompt)")
+        ax.set_ylabel("density (SLQ)")
+        ax.axvline(0.0, color="0.7", linewidth=0.6, zorder=0)
+        ax.legend(frameon=False)
+    return fig
+
+
+def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]], tau: float | None = None, *,
+                        style: str = "paper") -> Figure:
+    """0-dimensional persistence (birth, death) of each surface's minima (landscape.topology), one colour a label.
+
+    A point's height above the diagonal is its basin's depth; the global minimum's infinite death is drawn on a
+    line above the finite ones. Points above the dashed line (death - birth >= tau) are the counted basins.
+    """
+    if not diagrams:
+        raise ValueError("persistence_diagram needs at least one diagram; compute a complete 2D surface first")
+    pairs = {label: np.array([[b, np.inf if d is None else d] for b, d in points], dtype=float).reshape(-1, 2)
+             for label, points in diagrams.items()}
+    every = np.concatenate(list(pairs.values()))
+    finite = every[np.isfinite(every)]
+    low, high = float(finite.min()), float(finite.max())
+    pad = 0.05 * ((high - low) or 1.0)
+    top = high + 3 * pad  # where infinite deaths are drawn
+    with _rc(style) as s:
+        fig = Figure(figsize=(s["column"], s["column"]), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([low - pad, top], [low - pad, top], color="0.6", linewidth=0.7)
+        if tau:
+            ax.plot([low - pad, top - tau], [low - pad + tau, top], color="0.6", linewidth=0.7, linestyle="--",
+                    label=f"persistence = {tau:g}")
+        ax.axhline(top, color="0.85", linewidth=0.7)
+        for index, (label, points) in enumerate(pairs.items()):
+            death = np.where(np.isfinite(points[:, 1]), points[:, 1], top)
+            ax.scatter(points[:, 0], death, s=s["marker"] ** 2, color=method_color(label, index), label=label,
+                       zorder=3)
+        ax.set_xlim(low - pad, top)
+        ax.set_ylim(low - pad, top + pad)
+        ax.set_xlabel("birth (loss at the minimum)")
+        ax.set_ylabel("death (loss at the merging saddle); top: ∞")
+        ax.legend(frameon=False, loc="lower right")
+    return fig

@@ -142,12 +142,14 @@ def table_html(table: Table) -> str:
 def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | None = None,
                 metadata: Mapping[str, object] | None = None, *, title: str = "Loss landscape report",
                 trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None,
-                zmin: float | None = None, zmax: float | None = None, cmap: str = "Viridis") -> str:
+                zmin: float | None = None, zmax: float | None = None, cmap: str = "Viridis",
+                figures: Mapping[str, go.Figure] | None = None) -> str:
     """The whole report as one HTML string (write it with any text writer).
 
     surfaces: method -> Surface. tables: caption -> rows (list of dicts), markdown or HTML
     (metrics with CIs and tests, computed elsewhere). metadata: model, task, directions, seed,
-    examples, date, ... shown as a key/value table.
+    examples, date, ... shown as a key/value table. figures: heading -> further plotly figures (spectrum, basins,
+    mode connectivity), each in its own section after the contours.
     """
     if not surfaces:
         raise ValueError("report_html needs at least one surface")
@@ -173,6 +175,8 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
         surface_divs.append(heading + embed(surface_figure(group, zrange, cmap), f"surfaces{suffix}"))
         contour_divs.append(heading + embed(contour_figure(group, zrange, cmap, trajectories), f"contours{suffix}"))
     surface_div, contour_div = "".join(surface_divs), "".join(contour_divs)
+    figure_sections = "".join(f"<h2>{html.escape(heading)}</h2>{embed(fig, f'figure-{index}')}"
+                              for index, (heading, fig) in enumerate((figures or {}).items()))
     table_sections = "".join(f"<h3>{html.escape(caption)}</h3>{table_html(table)}"
                              for caption, table in (tables or {}).items())
     meta_rows = [{"key": key, "value": value if isinstance(value, (str, int, float, list, tuple))
@@ -186,6 +190,7 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
 <h2>Run</h2>{table_html(meta_rows) if meta_rows else "<p>(no metadata)</p>"}
 <h2>Loss surfaces</h2>{surface_div}
 <h2>Contours</h2>{contour_div}
+{figure_sections}
 <h2>Metrics</h2>{table_sections or "<p>(no metrics)</p>"}
 </body></html>
 """
@@ -194,9 +199,54 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
 def comparison_html(comparison, surfaces: Mapping[str, Surface], trajectories: Mapping[str, Sequence] | None = None,
                     *, zmin: float | None = None, zmax: float | None = None) -> str:
     """The report of a landscape.pipeline.Comparison: the given surfaces, its rows and its statistics."""
-    tables = {"Per checkpoint": [{k: v for k, v in r.items() if k not in ("cost", "settings", "flat_radius")}
-                                 for r in comparison.rows]}
+    from landscape.stats import DISTRIBUTIONS
+
+    hidden = ("cost", "settings", "flat_radius", *DISTRIBUTIONS)
+    tables = {"Per checkpoint": [{k: v for k, v in r.items() if k not in hidden} for r in comparison.rows]}
     if comparison.rows:
-        tables["Per method: mean, std, 95% bootstrap CI"] = [asdict(s) for s in comparison.stats.summaries]
-        tables["Between methods: Welch t, Mann-Whitney U, effect sizes"] = [asdict(t) for t in comparison.stats.tests]
-    return report_html(surfaces, tables, comparison.metadata, zmin=zmin, zmax=zmax, trajectories=trajectories or None)
+        stats = comparison.stats
+        tables["Per method: mean, std, 95% bootstrap CI"] = [asdict(s) for s in stats.summaries]
+        tables["Between methods: Welch t, Mann-Whitney U, effect sizes"] = [asdict(t) for t in stats.tests]
+        tables["Spearman correlations: metrics vs test accuracy, sharpness vs calibration error"] = [
+            asdict(c) for c in stats.correlations]
+        if stats.barriers:
+            tables["Mode connectivity between seeds of one method (loss barriers)"] = [asdict(s) for s in stats.barriers]
+    return report_html(surfaces, tables, comparison.metadata, zmin=zmin, zmax=zmax, trajectories=trajectories or None,
+                       figures=_analysis_figures(comparison))
+
+
+def _analysis_figures(comparison) -> dict[str, go.Figure]:
+    """Interactive spectrum density, persistence diagrams and connectivity paths of a comparison (when measured)."""
+    from landscape.spectrum import spectral_density
+
+    out, first = {}, {}
+    for row in comparison.rows:
+        first.setdefault(row.get("method"), row)  # the representative checkpoint of each method
+    quadratures = {m: (r["hessian_spectrum_nodes"], r["hessian_spectrum_weights"]) for m, r in first.items()
+                   if r.get("hessian_spectrum_nodes")}
+    if quadratures:
+        nodes = np.concatenate([np.asarray(n, dtype=float) for n, _ in quadratures.values()])
+        sigma = 0.01 * (float(np.ptp(nodes)) or 1.0)
+        grid = np.linspace(nodes.min() - 5 * sigma, nodes.max() + 5 * sigma, 600)
+        fig = go.Figure([go.Scatter(x=grid, y=np.maximum(spectral_density(n, w, grid, sigma), 1e-8), name=str(m))
+                         for m, (n, w) in quadratures.items()])
+        fig.update_layout(xaxis_title="Hessian eigenvalue (prompt)", yaxis_title="density (SLQ)", yaxis_type="log")
+        out["Curvature spectrum (stochastic Lanczos quadrature)"] = fig
+    diagrams = {f"{m} ({space})": r[key] for m, r in first.items()
+                for space, key in (("prompt", "persistence"), ("input", "input_persistence")) if r.get(key)}
+    if diagrams:
+        finite = [d for pairs in diagrams.values() for _, d in pairs if d is not None]
+        top = max(finite) * 1.05 if finite else 1.0
+        fig = go.Figure([go.Scatter(x=[b for b, _ in pairs], y=[top if d is None else d for _, d in pairs],
+                                    mode="markers", name=label) for label, pairs in diagrams.items()])
+        fig.update_layout(xaxis_title="birth (loss at the minimum)", yaxis_title=f"death (top {top:.3g}: never)")
+        out["Basins: 0-dimensional persistence of each surface"] = fig
+    if comparison.connections:
+        fig = go.Figure()
+        for c in comparison.connections:
+            name = f"{c.get('method_a')} {c.get('seed_a')}–{c.get('seed_b')}"
+            fig.add_trace(go.Scatter(x=c["t"], y=c["linear_loss"], name=f"{name} line", line={"dash": "dash"}))
+            fig.add_trace(go.Scatter(x=c["t"], y=c["curve_loss"], name=f"{name} Bezier"))
+        fig.update_layout(xaxis_title="t", yaxis_title="loss")
+        out["Mode connectivity: loss along the line and the trained Bezier curve"] = fig
+    return out

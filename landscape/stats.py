@@ -16,7 +16,7 @@ import io
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,13 @@ from ptp_core.io import write_json, write_text
 
 ROW_KEYS = ("checkpoint", "method", "seed")
 # Columns tabulated but not analysed: row["cost"], row["settings"] and per-checkpoint uncertainties.
-NOT_ANALYSED = re.compile(r"^(cost|settings)_|_stderr$|_ci_\d+$|_residuals_\d+$")
+NOT_ANALYSED = re.compile(r"^(cost|settings)_|_stderr$|_ci_\d+$|_residuals_\d+$|_residual$")
 TARGET = "test_accuracy"
+CALIBRATION = "center_ece"  # sharpness metrics are also rank-correlated with it (calibration next to sharpness)
+SHARPNESS = re.compile(r"sharpness|^(input_)?curvature_eigenvalues_1$|^hessian_(eigenvalues_1|trace|min_eigenvalue)$")
+# Whole distributions, not numbers: kept in metrics.json, left out of the columns of the tables
+BARRIERS = ("linear_barrier", "curve_barrier")  # landscape.connect: max_t L(t) - chord, along the line and the curve
+DISTRIBUTIONS = ("hessian_spectrum_nodes", "hessian_spectrum_weights", "persistence", "input_persistence")
 
 
 @dataclass
@@ -72,6 +77,8 @@ def flatten_row(row: dict) -> dict:
     """Lists -> name_1..k, dicts -> name_key, numpy scalars -> python; other values unchanged."""
     flat = {}
     for key, value in row.items():
+        if key in DISTRIBUTIONS:
+            continue
         if isinstance(value, dict):
             flat.update({f"{key}_{sub}": _plain(v) for sub, v in value.items()})
         elif isinstance(value, (list, tuple, np.ndarray)):
@@ -204,12 +211,20 @@ class Statistics:
     summaries: list[GroupSummary]
     tests: list[PairwiseTest]
     correlations: list[Correlation]
+    barriers: list[GroupSummary] = field(default_factory=list)  # per method, over its pairs of seeds (connect.json)
 
 
-def statistics(rows: list[dict], n_resamples: int = 10000, seed: int = 0) -> Statistics:
+def statistics(rows: list[dict], n_resamples: int = 10000, seed: int = 0, connections: list[dict] = ()) -> Statistics:
+    """Per-method summaries, pairwise tests, and Spearman correlations of every metric with test accuracy and of
+    every sharpness metric with the calibration error center_ece; with `connections` (connect.json of pairs of
+    seeds of one method), the per-method statistics of their linear and Bezier-curve loss barriers."""
     metrics = metric_names(rows)
-    return Statistics(summarize(rows, metrics, n_resamples, seed), compare_methods(rows, metrics),
-                      correlate(rows, [m for m in metrics if m != TARGET]))
+    correlations = correlate(rows, [m for m in metrics if m != TARGET])
+    if CALIBRATION in metrics:
+        correlations += correlate(rows, [m for m in metrics if SHARPNESS.search(m)], CALIBRATION)
+    pairs = [{"method": c.get("method_a"), **{k: c.get(k) for k in BARRIERS}} for c in connections]
+    return Statistics(summarize(rows, metrics, n_resamples, seed), compare_methods(rows, metrics), correlations,
+                      summarize(pairs, list(BARRIERS), n_resamples, seed) if pairs else [])
 
 
 def write_metrics_md(rows: list[dict], out_dir: str | Path, stats: Statistics) -> Path:
@@ -263,11 +278,19 @@ def _tables(rows: list[dict], stats: Statistics, plus_minus: str) -> list[tuple]
              [[t.metric, t.method_a, t.method_b, *map(_number, (t.welch_t, t.welch_p, t.mann_whitney_u,
                                                                t.mann_whitney_p, t.hedges_g, t.rank_biserial))]
               for t in stats.tests])
-    spearman = (["metric", "n", f"Spearman rho vs {TARGET}", "p"],
-                [[c.metric, str(c.n), _number(c.spearman_rho), _number(c.p_value)]
+    spearman = (["metric", "vs", "n", "Spearman rho", "p"],
+                [[c.metric, c.target, str(c.n), _number(c.spearman_rho), _number(c.p_value)]
                  for c in stats.correlations])
-    return [("Per checkpoint", *per_checkpoint), ("Per method: mean ± std [95% bootstrap CI]", *grouped),
-            ("Pairwise tests between methods", *tests), ("Rank correlation with test accuracy", *spearman)]
+    tables = []
+    if stats.barriers:
+        barrier_methods = list(dict.fromkeys(s.method for s in stats.barriers))
+        barrier_cells = {(s.metric, s.method): s for s in stats.barriers}
+        tables.append(("Mode connectivity between seeds of one method: loss barrier, mean ± std [95% CI] over pairs",
+                       ["barrier", *barrier_methods],
+                       [[m, *(summary_cell(barrier_cells[m, method]) for method in barrier_methods)]
+                        for m in BARRIERS]))
+    return [("Per checkpoint", *per_checkpoint), ("Per method: mean ± std [95% bootstrap CI]", *grouped), *tables,
+            ("Pairwise tests between methods", *tests), ("Rank correlations: every metric with test accuracy, sharpness with calibration error", *spearman)]
 
 
 def console_table(rows: list[dict]) -> str:

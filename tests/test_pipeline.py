@@ -135,3 +135,46 @@ def test_clock_estimates_from_the_first_chunk_then_the_first_checkpoint():
     clock.checkpoint_done(0)
     clock.checkpoint_done(1)
     assert len(said) == 2 and "about 2.0 min are left" in said[1]
+
+
+def test_spectrum_topology_calibration_and_connectivity_reach_rows_tables_figures_and_report(four_runs, tmp_path):
+    """Issue 13 end to end on tiny BERT: every new key in the rows, the barrier statistics per method, the figures,
+    the tables and the report; a second compare() reads the pairs' connect.json instead of retraining."""
+    from landscape.connect import ConnectConfig
+    from landscape.plot import draw
+    from landscape.stats import metric_names
+    from landscape.topology import loss_topology
+
+    spec = SurfaceSpec(grid="5", span=0.5, examples=8, directions="random", dtype="float32")
+    metrics = MetricsConfig(("surface", "calibration", "spectrum"), examples=8, spectrum_probes=2, spectrum_steps=6,
+                            max_hvps=60, calibration_examples=16)
+    connect = ConnectConfig(steps=3, points=5, examples=8, batch_size=8, dtype="float32")
+    comparison = compare(find_checkpoints([four_runs]), spec, metrics, tmp_path, ("prompt",), progress=False,
+                         connect=connect)
+    for row in comparison.rows:
+        assert len(row["hessian_spectrum_nodes"]) == len(row["hessian_spectrum_weights"]) == 2 * 6
+        assert sum(row["hessian_spectrum_weights"]) == pytest.approx(1.0)
+        assert row["hessian_min_eigenvalue"] <= min(row["hessian_spectrum_nodes"]) + 1e-4  # Ritz values interlace
+        surface = comparison.surfaces[(row["checkpoint"], "prompt")]
+        topology = loss_topology(surface.loss, metrics.basin_tau)
+        assert row["persistence"] == topology.persistence and row["basins"] == topology.basins >= 1
+        assert 0 <= row["center_ece"] <= 1 and row["settings"]["basin_tau"] == metrics.basin_tau
+    names = metric_names(comparison.rows)
+    assert "center_ece" in names and not any(n.startswith(("hessian_spectrum", "persistence")) for n in names)
+    assert {(c["method_a"], c["seed_a"], c["seed_b"]) for c in comparison.connections} == {("pt", 0, 1),
+                                                                                         ("ptp-rn", 0, 1)}
+    assert {(s.method, s.metric) for s in comparison.stats.barriers} == {
+        (m, k) for m in ("pt", "ptp-rn") for k in ("linear_barrier", "curve_barrier")}
+    assert any(c.target == "center_ece" for c in comparison.stats.correlations)
+    figs = figures(comparison, PlotConfig(tmp_path))
+    assert {"spectrum", "persistence", "connectivity"} <= set(figs)
+    draw(comparison, PlotConfig(tmp_path))
+    assert "Mode connectivity" in (tmp_path / "metrics.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "Curvature spectrum" in page and "Basins" in page and "Mode connectivity" in page
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "connect").rglob("connect.json")}
+    assert len(stamp) == 2
+    again = compare(find_checkpoints([four_runs]), spec, MetricsConfig(("surface",)), tmp_path, ("prompt",),
+                    progress=False, connect=connect)
+    assert [c["curve_barrier"] for c in again.connections] == [c["curve_barrier"] for c in comparison.connections]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # read back, not recomputed

@@ -27,25 +27,30 @@ class DemoSetting:
     examples: int  # evaluation examples per grid point
     metric_examples: int  # examples for the Hessian / sharpness estimators
     metrics: str
+    spectrum: tuple[int, int, int]  # SLQ probes, Lanczos steps, HVP cap of the smallest eigenvalue
+    connect: tuple[int, int, int]  # Bezier curve between pt and ptp-rn seed 0: Adam steps, examples, t points
 
 
-# quick: sized so that 3 trainings + 6 surfaces of 15x15 + metrics finish in under 10 minutes on a 2-core CPU
-# with bf16 autocast (README, Cost): batch 16 (~0.5 s per PTP step), surfaces ~6 points/s on 24 examples
-QUICK = [DemoSetting("minilm", (0,), 120, 16, 200, 512, "15", 24, 16, "surface,hessian,sharpness,input")]
+# quick: sized so that 3 trainings + 6 surfaces of 15x15 + every metric (a small spectrum included) + one
+# connectivity curve finish in under 10 minutes on a 2-core CPU with bf16 autocast (README, Cost): batch 16
+# (~0.5 s per PTP step), surfaces ~9 points/s on 16 examples, HVPs on 8 examples
+QUICK = [DemoSetting("minilm", (0,), 100, 16, 200, 512, "15", 16, 8,
+                     "surface,hessian,sharpness,input,calibration,spectrum", (1, 12, 40), (30, 24, 11))]
 FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 32,
-                    "surface,hessian,trace,sharpness,input"),
+                    "surface,hessian,trace,sharpness,input,calibration,spectrum", (4, 30, 500), (60, 128, 21)),
         DemoSetting("smollm2", (0, 1, 2, 3, 4), 200, 16, 256, None, "31", 256, 16,
-                    "surface,hessian,trace,sharpness,input")]
+                    "surface,hessian,trace,sharpness,input,calibration,spectrum", (4, 30, 500), (60, 128, 21))]
 
 
 def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "auto", progress: bool = True) -> Path:
     """Train, measure and draw; return the figures folder."""
+    from landscape.connect import ConnectConfig, connect
     from landscape.grid import SurfaceSpec
     from landscape.measure import MetricsConfig
     from landscape.pipeline import compare, find_checkpoints
     from landscape.plot import PlotConfig, draw
     from landscape.stats import console_table
-    from ptp_core.sweep import run_sweep, summarize_runs, summary_markdown, write_summary
+    from ptp_core.sweep import run_dir, run_sweep, summarize_runs, summary_markdown, write_summary
     from ptp_core.train import TrainConfig
 
     from ptp_core.backbones import native_bf16, resolve_device, resolve_dtype
@@ -76,12 +81,21 @@ def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "auto", 
         print(f"training: {time.time() - started:.0f} s", flush=True)
         started = time.time()
         spec = SurfaceSpec(grid=setting.grid, examples=setting.examples)
-        metrics = MetricsConfig(tuple(setting.metrics.split(",")), setting.metric_examples)
+        probes, steps, hvps = setting.spectrum
+        metrics = MetricsConfig(tuple(setting.metrics.split(",")), setting.metric_examples, spectrum_probes=probes,
+                                spectrum_steps=steps, max_hvps=hvps, calibration_examples=min(512, 2 * setting.eval_examples))
         comparison = compare(find_checkpoints([runs]), spec, metrics, out, ("prompt", "input"), device=device,
                              progress=progress)
         draw(comparison, PlotConfig(out))
         print(console_table(comparison.rows))
         print(f"landscapes and metrics: {time.time() - started:.0f} s")
+        started = time.time()
+        steps, examples, points = setting.connect
+        # one pair for the figure: two methods' seed-0 prompts (landscape.plot --connect pairs seeds of one method)
+        connect(run_dir(runs, "pt", 0), run_dir(runs, "ptp-rn", 0),
+                ConnectConfig(steps=steps, examples=examples, points=points, device=device), out / "connect",
+                overwrite=True, progress=progress)
+        print(f"mode connectivity pt <-> ptp-rn: {time.time() - started:.0f} s ({out}/connect/connect.pdf)")
         print(f"figures: {out}/landscape_3d.pdf, contour.pdf, profiles.pdf, report.html; "
               f"tables: {out}/metrics.md (.csv, .tex, .json); runs: {runs}/summary.md")
     return figures

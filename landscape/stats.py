@@ -193,8 +193,14 @@ def write_metrics_json(rows: list[dict], out_dir: str | Path) -> Path:
 
 
 def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
-    """metrics.csv: one flattened row per checkpoint; empty cell = missing."""
-    flat = [flatten_row(r) for r in rows]
+    """metrics.csv: one flattened row per checkpoint; empty cell = missing; distributions (spectrum quadrature,
+    persistence pairs) as one JSON cell each, after the numbers."""
+    import json
+
+    from ptp_core.io import to_json
+
+    flat = [{**flatten_row(r), **{k: json.dumps(to_json(r[k]), allow_nan=False) for k in DISTRIBUTIONS
+                                  if r.get(k) is not None}} for r in rows]
     identity = [k for k in ROW_KEYS if any(k in r for r in flat)]
     columns = list(dict.fromkeys(identity + [k for r in flat for k in r]))
     buffer = io.StringIO()

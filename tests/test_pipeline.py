@@ -170,6 +170,14 @@ def test_spectrum_topology_calibration_and_connectivity_reach_rows_tables_figure
     assert {"spectrum", "persistence", "connectivity"} <= set(figs)
     draw(comparison, PlotConfig(tmp_path))
     assert "Mode connectivity" in (tmp_path / "metrics.md").read_text()
+    import csv
+
+    with open(tmp_path / "metrics.csv") as f:
+        cells = list(csv.DictReader(f))
+    from ptp_core.io import to_json
+
+    assert [json.loads(c["persistence"]) for c in cells] == [to_json(r["persistence"]) for r in comparison.rows]
+    assert json.loads(cells[0]["hessian_spectrum_nodes"]) == pytest.approx(comparison.rows[0]["hessian_spectrum_nodes"])
     page = (tmp_path / "report.html").read_text()
     assert "Curvature spectrum" in page and "Basins" in page and "Mode connectivity" in page
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "connect").rglob("connect.json")}

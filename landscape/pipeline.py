@@ -182,6 +182,7 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
 
 def from_surfaces(paths: list[str | Path]) -> Comparison:
     """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness)."""
+    from landscape.measure import surface_topology
     from landscape.metrics import metrics_row, surface_metrics
 
     surfaces = {}
@@ -192,8 +193,10 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
     for (checkpoint, space), s in surfaces.items():
         if min(s.shape) > 1 and s.points_done:
             row = rows.setdefault(checkpoint, metrics_row(checkpoint, s.spec.get("method") or "checkpoint",
-                                                          s.spec.get("checkpoint_seed"), None))
+                                                          s.spec.get("checkpoint_seed"), None,
+                                                          settings={"basin_tau": MetricsConfig.basin_tau}))
             values = surface_metrics(s.alphas, s.betas, s.loss, s.accuracy)
+            row.update(surface_topology(s, MetricsConfig.basin_tau, "" if space == "prompt" else "input_"))
             if space == "prompt":
                 row.update({k: v for k, v in values.to_dict().items() if k not in ("radius", "tau", "points_used")})
             else:

@@ -44,6 +44,7 @@ def test_plot_end_to_end_and_rerender(two_runs, tmp_path):
     _plot("--surface", *surfaces, "--out", again)
     assert (again / "contour.png").read_bytes() == first
     assert (again / "landscape_3d.png").read_bytes() == (out / "landscape_3d.png").read_bytes()
+    assert (again / "persistence.png").read_bytes() == (out / "persistence.png").read_bytes()  # basins, no model
     # a second run reuses the cached surfaces (resume) and rewrites the same figure
     _plot(two_runs, "--out", out, "--grid", "5", "--examples", "8", "--directions", "random", "--norm", "none",
           "--metrics", "surface", "--no-progress")

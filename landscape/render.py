@@ -356,20 +356,16 @@ def spectrum(quadratures: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     quadratures: label -> (nodes, weights) of one checkpoint (hessian_spectrum_nodes/_weights). Each node is
     broadened by a Gaussian of std sigma (default: 1% of the range of all nodes), as in Ghorbani et al. 2019.
     """
-    from landscape.spectrum import spectral_density
+    from landscape.spectrum import density_curves
 
     if not quadratures:
         raise ValueError("spectrum needs at least one (nodes, weights) quadrature; measure with --metrics spectrum")
-    every = np.concatenate([np.asarray(nodes, dtype=float) for nodes, _ in quadratures.values()])
-    span = float(every.max() - every.min()) or max(abs(float(every.max())), 1.0)
-    sigma = sigma or 0.01 * span
-    grid = np.linspace(every.min() - 5 * sigma, every.max() + 5 * sigma, 1000)  # (1000,)
+    grid, densities, sigma = density_curves(dict(quadratures), sigma)
     with _rc(style) as s:
         fig = Figure(figsize=(s["column"], s["panel_height"] * 1.2), layout="constrained")
         ax = fig.subplots()
         floor = 1e-8  # log axis: show the bulk and the outliers, not the Gaussian tails down to 0
-        for index, (label, (nodes, weights)) in enumerate(quadratures.items()):
-            density = spectral_density(nodes, weights, grid, sigma)  # (1000,)
+        for index, (label, density) in enumerate(densities.items()):
             ax.plot(grid, np.maximum(density, floor), color=method_color(label, index), linewidth=s["line"], label=label)
         ax.set_yscale("log")
         ax.set_ylim(bottom=floor)

@@ -217,7 +217,7 @@ def comparison_html(comparison, surfaces: Mapping[str, Surface], trajectories: M
 
 def _analysis_figures(comparison) -> dict[str, go.Figure]:
     """Interactive spectrum density, persistence diagrams and connectivity paths of a comparison (when measured)."""
-    from landscape.spectrum import spectral_density
+    from landscape.spectrum import density_curves
 
     out, first = {}, {}
     for row in comparison.rows:
@@ -225,11 +225,9 @@ def _analysis_figures(comparison) -> dict[str, go.Figure]:
     quadratures = {m: (r["hessian_spectrum_nodes"], r["hessian_spectrum_weights"]) for m, r in first.items()
                    if r.get("hessian_spectrum_nodes")}
     if quadratures:
-        nodes = np.concatenate([np.asarray(n, dtype=float) for n, _ in quadratures.values()])
-        sigma = 0.01 * (float(np.ptp(nodes)) or 1.0)
-        grid = np.linspace(nodes.min() - 5 * sigma, nodes.max() + 5 * sigma, 600)
-        fig = go.Figure([go.Scatter(x=grid, y=np.maximum(spectral_density(n, w, grid, sigma), 1e-8), name=str(m))
-                         for m, (n, w) in quadratures.items()])
+        grid, densities, _ = density_curves(quadratures, points=600)
+        fig = go.Figure([go.Scatter(x=grid, y=np.maximum(density, 1e-8), name=str(m))
+                         for m, density in densities.items()])
         fig.update_layout(xaxis_title="Hessian eigenvalue (prompt)", yaxis_title="density (SLQ)", yaxis_type="log")
         out["Curvature spectrum (stochastic Lanczos quadrature)"] = fig
     diagrams = {f"{m} ({space})": r[key] for m, r in first.items()

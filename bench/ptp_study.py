@@ -4,7 +4,10 @@
     python bench/ptp_study.py final --rn NAME --adv NAME   # 5 seeds x {pt, ptp-rn, ptp-adv} at 300 steps
     python bench/ptp_study.py report   # the tables of both phases (markdown), Welch and Levene tests
 
-Runs go to runs/study/{search,final}/...; a run that finished is skipped when the command is repeated.
+    # two processes of one thread share the work (run i goes to part i % N); --only/--seeds/--methods narrow it
+    python bench/ptp_study.py search --only rn-sigma0.5 --part 0/2 --threads 1 & ...  --part 1/2 --threads 1
+
+Runs go to bench/study/{search,final}/... (committed, trajectories aside); a run that finished is skipped when the command is repeated.
 Selection uses validation accuracy only (the first 256 validation examples); test accuracy (the first 512
 test examples in the search, all 1275 in the final) is reported, never used to choose.
 """
@@ -25,7 +28,8 @@ from ptp_core.perturb import PerturbConfig  # noqa: E402
 from ptp_core.sweep import read_meta, run_dir, run_sweep  # noqa: E402
 from ptp_core.train import TrainConfig  # noqa: E402
 
-OUT = ROOT / "runs" / "study"
+# Committed (but for the trajectories), so that a study spread over sessions survives a new machine.
+OUT = ROOT / "bench" / "study"
 SEARCH_SEEDS, FINAL_SEEDS = [0, 1], [0, 1, 2, 3, 4]
 # PT leaves its early plateau near step 40 on this task (seed 1): the schedule keeps the regularizer off until then.
 SCHEDULE = dict(reg_warmup=40, reg_ramp=40)
@@ -47,20 +51,33 @@ def base(steps: int, test_examples: int | None) -> TrainConfig:
                        eval_examples=256, test_examples=test_examples, progress=False)
 
 
-def search() -> None:
-    for name, (method, overrides) in CANDIDATES.items():
-        config = replace(base(150, 512), perturb=PerturbConfig(**overrides))
+def _run(jobs: list[tuple[str, TrainConfig, str, int, Path]], part: tuple[int, int]) -> None:
+    """Train this part's share of (label, config, method, seed, folder) jobs: job i belongs to part i % N."""
+    index, parts = part
+    for label, config, method, seed, folder in jobs[index::parts]:
         started = time.time()
-        for item in run_sweep(config, [method], SEARCH_SEEDS, OUT / "search" / name):
-            print(f"{name} seed {item['seed']}: {item['status']} ({time.time() - started:.0f} s)", flush=True)
+        for item in run_sweep(config, [method], [seed], folder):
+            print(f"{label} seed {seed}: {item['status']} ({time.time() - started:.0f} s)", flush=True)
 
 
-def final(rn: str, adv: str) -> None:
-    for method, name in (("pt", "pt"), ("ptp-rn", rn), ("ptp-adv", adv)):
-        overrides = CANDIDATES[name][1]
-        config = replace(base(300, None), perturb=PerturbConfig(**overrides))
-        for item in run_sweep(config, [method], FINAL_SEEDS, OUT / "final"):
-            print(f"final {method} ({name}) seed {item['seed']}: {item['status']}", flush=True)
+def search(names: list[str], seeds: list[int], part: tuple[int, int]) -> None:
+    jobs = []
+    for seed in seeds:  # seed-major, so that two parts each take a mix of settings
+        for name in names:
+            method, overrides = CANDIDATES[name]
+            config = replace(base(150, 512), perturb=PerturbConfig(**overrides))
+            jobs.append((name, config, method, seed, OUT / "search" / name))
+    _run(jobs, part)
+
+
+def final(rn: str, adv: str, methods: list[str], seeds: list[int], part: tuple[int, int]) -> None:
+    settings = {"pt": "pt", "ptp-rn": rn, "ptp-adv": adv}
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            config = replace(base(300, None), perturb=PerturbConfig(**CANDIDATES[settings[method]][1]))
+            jobs.append((f"final {method} ({settings[method]})", config, method, seed, OUT / "final"))
+    _run(jobs, part)
 
 
 def _runs(folder: Path, method: str, seeds: list[int]) -> list[dict]:
@@ -118,13 +135,53 @@ def main() -> None:
     p.add_argument("phase", choices=("search", "final", "report"))
     p.add_argument("--rn", default="rn-sigma1", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-rn"])
     p.add_argument("--adv", default="adv-eps0.01", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-adv"])
+    p.add_argument("--only", type=_names, default=list(CANDIDATES), help="search: these settings (comma list)")
+    p.add_argument("--methods", type=_methods, default=["pt", "ptp-rn", "ptp-adv"], help="final: these methods")
+    p.add_argument("--seeds", type=_seeds, default=None, help="these seeds (default: 0,1 search; 0-4 final)")
+    p.add_argument("--part", type=_part, default=(0, 1), help="I/N: this process trains jobs i with i %% N == I")
     p.add_argument("--threads", type=int, default=None, help="torch threads (leave a core to other work)")
     args = p.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    {"search": search, "final": lambda: final(args.rn, args.adv), "report": report}[args.phase]()
+    if args.phase == "search":
+        search(args.only, args.seeds or SEARCH_SEEDS, args.part)
+    elif args.phase == "final":
+        final(args.rn, args.adv, args.methods, args.seeds or FINAL_SEEDS, args.part)
+    else:
+        report()
+
+
+def _names(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    if not names or set(names) - set(CANDIDATES):
+        raise argparse.ArgumentTypeError(f"settings must be among {', '.join(CANDIDATES)}")
+    return names
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m for m in text.split(",") if m]
+    if not methods or set(methods) - {"pt", "ptp-rn", "ptp-adv"}:
+        raise argparse.ArgumentTypeError("methods must be among pt, ptp-rn, ptp-adv")
+    return methods
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        index, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must look like 0/2, got {text!r}") from None
+    if not 0 <= index < parts:
+        raise argparse.ArgumentTypeError(f"--part I/N needs 0 <= I < N, got {text!r}")
+    return index, parts
 
 
 if __name__ == "__main__":

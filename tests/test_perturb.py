@@ -172,12 +172,14 @@ def test_cli_trains_ptp_adv_and_records_every_knob(tiny_dirs, toy_csv, tmp_path)
     out = tmp_path / "adv"
     _cli("--model", tiny_dirs["bert"], "--task", toy_csv, "--method", "ptp-adv", "--target", "input",
          "--adv-steps", "2", "--epsilon", "0.3", "--adv-norm", "linf", "--steps", "3", "--eval-every", "3",
-         "--prompt-len", "3", "--out", str(out), "--no-progress")
+         "--prompt-len", "3", "--reg-warmup", "1", "--reg-ramp", "2", "--out", str(out), "--no-progress")
     meta = json.loads((out / "ptp.json").read_text())
     assert meta["method"] == "ptp-adv"
     assert meta["perturb"] == {**vars(PerturbConfig()), "target": "input", "adv_steps": 2, "epsilon": 0.3,
-                               "adv_norm": "linf"}
-    assert all("perturbed_loss" in row for row in meta["log"] if "loss" in row)
+                               "adv_norm": "linf", "reg_warmup": 1, "reg_ramp": 2}
+    steps = [row for row in meta["log"] if "loss" in row]
+    assert [row["reg_weight"] for row in steps] == [0.0, 0.5, 1.0]  # warm-up step 1, then the ramp
+    assert "perturbed_loss" not in steps[0] and all("perturbed_loss" in row for row in steps[1:])
 
 
 def test_cli_bad_values_get_one_line_and_exit_code_2(tiny_dirs, toy_csv, tmp_path):
@@ -212,7 +214,8 @@ def test_schedule_is_zero_in_the_warmup_then_linear():
     config = PerturbConfig(reg_weight=0.8, reg_warmup=10, reg_ramp=4)
     assert [config.weight_at(s) for s in range(1, 11)] == [0.0] * 10
     assert [config.weight_at(s) for s in (11, 12, 13, 14, 15, 300)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
-    assert PerturbConfig(reg_weight=0.5).weight_at(1) == 0.5  # no schedule: lam from the first step
+    assert PerturbConfig(reg_weight=0.5, reg_warmup=0, reg_ramp=0).weight_at(1) == 0.5  # no schedule: lam at once
+    assert [PerturbConfig().weight_at(s) for s in (40, 41, 60, 80, 81)] == [0.0, 0.025, 0.5, 1.0, 1.0]  # defaults
     with pytest.raises(ValueError, match="--reg-warmup"):
         PerturbConfig(reg_warmup=-1)
 
@@ -220,7 +223,7 @@ def test_schedule_is_zero_in_the_warmup_then_linear():
 @pytest.mark.parametrize("method", ["ptp-rn", "ptp-adv"])
 def test_warmup_over_every_step_equals_pt_bitwise(tiny_dirs, toy_csv, tmp_path, method):
     runs = {}
-    for name, perturbation in (("pt", PerturbConfig()), (method, PerturbConfig(reg_warmup=4, adv_steps=2))):
+    for name, perturbation in (("pt", PerturbConfig()), (method, PerturbConfig(reg_warmup=4, reg_ramp=0, adv_steps=2))):
         config = TrainConfig(model=tiny_dirs["bert"], task=toy_csv, head="classifier", method=name, seed=2,
                              out=str(tmp_path / name), steps=4, batch_size=16, prompt_length=3, eval_every=2,
                              eval_examples=8, snapshot_every=2, progress=False, dtype="float32", perturb=perturbation)

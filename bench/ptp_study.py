@@ -107,27 +107,36 @@ def report() -> None:
     final_runs = {method: _runs(OUT / "final", method, FINAL_SEEDS) for method in ("pt", "ptp-rn", "ptp-adv")}
     if not any(final_runs.values()):
         return
-    print("\n| method | runs | test acc mean | std | min | max | collapsed | perturb settings |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| method | runs | test acc mean | std | min | max | best val acc | collapsed | seconds/run | "
+          "perturb settings (vs today's defaults) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     accuracy = {}
     for method, metas in final_runs.items():
         test = [m["metrics"]["test_accuracy"] for m in metas]
         accuracy[method] = test
         if test:
             std = f"{100 * statistics.stdev(test):.2f}" if len(test) > 1 else "n/a"
+            valid = _cell([m["metrics"]["best_validation_accuracy"] for m in metas])
+            seconds = statistics.fmean(m["metrics"]["seconds"] for m in metas)
             settings = {k: v for k, v in metas[0]["perturb"].items() if v != getattr(PerturbConfig(), k)}
             print(f"| {method} | {len(test)} | {100 * statistics.fmean(test):.2f} | {std} | {100 * min(test):.2f} | "
-                  f"{100 * max(test):.2f} | {sum(bool(m['metrics'].get('collapsed')) for m in metas)} | "
-                  f"{json.dumps(settings) if method != 'pt' else ''} |")
-    print("\n| comparison | Welch t (mean) | p | Levene, median-centred (variance) | p |")
-    print("|---|---:|---:|---:|---:|")
+                  f"{100 * max(test):.2f} | {valid} | {sum(bool(m['metrics'].get('collapsed')) for m in metas)} | "
+                  f"{seconds:.0f} | {'' if method == 'pt' else json.dumps(settings) if settings else 'the defaults'} |")
+    # A seed fixes the prompt's initialisation and the batch order for every method, so seeds pair the runs.
+    print("\n| comparison | Welch t (mean) | p | paired t (same seeds) | p | std ratio | "
+          "Levene, median-centred (variance) | p |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    seeds = {method: [m["seed"] for m in metas] for method, metas in final_runs.items()}
     for other in ("ptp-rn", "ptp-adv"):
         x, y = accuracy["pt"], accuracy[other]
         if len(x) > 1 and len(y) > 1:
             welch = scipy.stats.ttest_ind(y, x, equal_var=False)
+            paired = scipy.stats.ttest_rel(y, x) if seeds[other] == seeds["pt"] else None
             levene = scipy.stats.levene(y, x, center="median")  # Brown-Forsythe: robust to non-normal accuracies
-            print(f"| {other} vs pt | {welch.statistic:.2f} | {welch.pvalue:.3f} | {levene.statistic:.2f} | "
-                  f"{levene.pvalue:.3f} |")
+            ratio = statistics.stdev(y) / statistics.stdev(x)
+            pair = f"{paired.statistic:.2f} | {paired.pvalue:.3f}" if paired else "n/a | n/a"
+            print(f"| {other} vs pt | {welch.statistic:.2f} | {welch.pvalue:.3f} | {pair} | {ratio:.2f} | "
+                  f"{levene.statistic:.2f} | {levene.pvalue:.3f} |")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@
     # two processes of one thread share the work (run i goes to part i % N); --only/--seeds/--methods narrow it
     python bench/ptp_study.py search --only rn-sigma0.5 --part 0/2 --threads 1 & ...  --part 1/2 --threads 1
 
-Runs go to bench/study/{search,final}/... (committed, trajectories aside); a run that finished is skipped when the command is repeated.
+Runs go to bench/study/{search,final}/... (committed, trajectories aside); a run that finished is skipped when
+the command is repeated.
 Selection uses validation accuracy only (the first 256 validation examples); test accuracy (the first 512
 test examples in the search, all 1275 in the final) is reported, never used to choose.
 """
@@ -142,8 +143,10 @@ def report() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("search", "final", "report"))
-    p.add_argument("--rn", default="rn-sigma1", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-rn"])
-    p.add_argument("--adv", default="adv-eps0.01", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-adv"])
+    # the defaults are the settings the search chose on validation accuracy (2026-11-29), today's training defaults
+    p.add_argument("--rn", default="rn-sigma1-sched", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-rn"])
+    p.add_argument("--adv", default="adv-eps0.003-sched",
+                   choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-adv"])
     p.add_argument("--only", type=_names, default=list(CANDIDATES), help="search: these settings (comma list)")
     p.add_argument("--methods", type=_methods, default=["pt", "ptp-rn", "ptp-adv"], help="final: these methods")
     p.add_argument("--seeds", type=_seeds, default=None, help="these seeds (default: 0,1 search; 0-4 final)")

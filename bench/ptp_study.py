@@ -64,13 +64,16 @@ def _run(jobs: list[tuple[str, TrainConfig, str, int, Path]], part: tuple[int, i
             print(f"{label} seed {seed}: {item['status']} ({time.time() - started:.0f} s)", flush=True)
 
 
+def _perturb(name: str) -> PerturbConfig:
+    return PerturbConfig(**{**PRE_STUDY, **CANDIDATES[name][1]})
+
+
 def search(names: list[str], seeds: list[int], part: tuple[int, int]) -> None:
     jobs = []
     for seed in seeds:  # seed-major, so that two parts each take a mix of settings
         for name in names:
-            method, overrides = CANDIDATES[name]
-            config = replace(base(150, 512), perturb=PerturbConfig(**{**PRE_STUDY, **overrides}))
-            jobs.append((name, config, method, seed, OUT / "search" / name))
+            config = replace(base(150, 512), perturb=_perturb(name))
+            jobs.append((name, config, CANDIDATES[name][0], seed, OUT / "search" / name))
     _run(jobs, part)
 
 
@@ -79,7 +82,7 @@ def final(rn: str, adv: str, methods: list[str], seeds: list[int], part: tuple[i
     jobs = []
     for seed in seeds:
         for method in methods:
-            config = replace(base(300, None), perturb=PerturbConfig(**{**PRE_STUDY, **CANDIDATES[settings[method]][1]}))
+            config = replace(base(300, None), perturb=_perturb(settings[method]))
             jobs.append((f"final {method} ({settings[method]})", config, method, seed, OUT / "final"))
     _run(jobs, part)
 

@@ -50,7 +50,8 @@ def _sync(device: str) -> None:
 
 
 def check_bf16_surface(device: str, quick: bool) -> dict:
-    from landscape.grid import SurfaceSpec, surface_for_params
+    from landscape.grid.driver import surface_for_params
+    from landscape.grid.spec import SurfaceSpec
 
     model, task = _model("minilm", "classifier", device)
     spec = dict(grid="5", examples=32 if quick else 128, span=1.0, directions="random")
@@ -64,12 +65,13 @@ def check_bf16_surface(device: str, quick: bool) -> dict:
 
 def check_oom_backoff(device: str, quick: bool) -> dict:
     """A chunk of every grid point at once on 512 examples: on a GPU it must hit out-of-memory and back off."""
-    from landscape import grid
-    from landscape.directions import prompt_directions
+    from landscape.grid import evaluate as grid
+    from ptp_core.encoding import batch_split
+    from landscape.grid.directions import prompt_directions
 
     model, task = _model("minilm", "classifier", device)
     examples = task.splits["test"].head(64 if quick else 512)
-    batches, order = grid.encode_examples(model, examples, 512)  # one batch of every example: a big forward
+    batches, order = batch_split(model, examples, 512, by_length=True)  # one batch of every example: a big forward
     directions = prompt_directions(model, dict(model.params), batches, "random", "filter", 0)
     points = 16 if quick else 4096
     alphas = torch.linspace(-1, 1, points, device=device)
@@ -79,7 +81,7 @@ def check_oom_backoff(device: str, quick: bool) -> dict:
         return grid.evaluate_points(model, batches, order, a, b, directions, dtype=torch.bfloat16)
 
     cap = grid.MemoryCap(points)
-    loss, _ = grid._evaluate_chunk(evaluate, alphas, betas, cap)
+    loss, _ = grid.evaluate_chunk(evaluate, alphas, betas, cap)
     reference, _ = evaluate(alphas[:2], betas[:2])
     same = float(np.abs(loss[:2] - reference).max())
     return {"ok": same < 1e-3 and (quick or cap.points < points), "start_points": points, "cap_after": cap.points,
@@ -134,7 +136,9 @@ def check_bf16_training(device: str, quick: bool, work: Path) -> dict:
 def benchmark(name: str, head: str, device: str, quick: bool, peak: float) -> dict:
     from grid import model_flops_per_point
 
-    from landscape.grid import SurfaceSpec, encode_examples, surface_for_params
+    from landscape.grid.driver import surface_for_params
+    from landscape.grid.spec import SurfaceSpec
+    from ptp_core.encoding import batch_split
 
     model, task = _model(name, head, device)
     grid_size, examples = (5, 16) if quick else (51, 512)
@@ -146,7 +150,7 @@ def benchmark(name: str, head: str, device: str, quick: bool, peak: float) -> di
     surface = surface_for_params(model, dict(model.params), task.splits["test"], spec, progress=False)
     _sync(device)
     seconds = time.perf_counter() - started
-    batches, _ = encode_examples(model, task.splits["test"].head(examples), 64)
+    batches, _ = batch_split(model, task.splits["test"].head(examples), 64, by_length=True)
     flops = model_flops_per_point(model, batches, 20) * grid_size ** 2
     return {"model": name, "head": head, "grid": f"{grid_size}x{grid_size}", "examples": examples,
             "dtype": surface.spec["dtype"], "seconds": seconds, "points_per_s": grid_size ** 2 / seconds,

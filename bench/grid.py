@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.directions import prompt_directions
-from landscape.grid import DTYPES, SurfaceSpec, auto_chunk, encode_examples, evaluate_points
-from ptp_core.backbones import resolve_dtype
+from landscape.grid.directions import prompt_directions
+from landscape.grid.evaluate import auto_chunk, evaluate_points
+from landscape.grid.spec import SurfaceSpec
+from ptp_core.encoding import batch_split
+from ptp_core.backbones import DTYPES, resolve_dtype
 
 
 def matmul_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint)
         model = checkpoint.build_model(args.device)
-        task = load_task(checkpoint.meta["task"], label_words=checkpoint.meta.get("label_words"))
+        task = checkpoint.task()
     else:
         from ptp_core.backbones import load_backbone
         from ptp_core.model import PromptModel
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = SurfaceSpec(directions="random", grid=f"{args.grid}x{args.grid}", span=args.span, examples=args.examples,
                        batch_size=args.our_batch_size, dtype=args.dtype)
     alphas, betas = spec.axes()
-    batches, order = encode_examples(model, examples, args.our_batch_size)
+    batches, order = batch_split(model, examples, args.our_batch_size, by_length=True)
     stored_batches = [model.encode(examples.texts[i:i + args.batch_size], examples.labels[i:i + args.batch_size])
                       for i in range(0, len(examples), args.batch_size)]  # the loop's batches: stored order
     directions = prompt_directions(model, model.params, batches, "random", "filter", 0)

@@ -12,7 +12,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = ["pt", "ptp-rn", "ptp-adv"]
+from landscape.compare import compare, find_checkpoints
+from landscape.connect.run import ConnectConfig, connect_checkpoints
+from landscape.draw.comparison import PlotConfig, draw, write_connection
+from landscape.draw.tables import console_table
+from landscape.grid.spec import SurfaceSpec
+from landscape.measures.row import MetricsConfig
+from ptp_core.backbones import native_bf16, resolve_device, resolve_dtype
+from ptp_core.sweep import run_dir, run_sweep, summarize_runs, summary_markdown, write_summary
+from ptp_core.train import METHODS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -32,8 +40,8 @@ class DemoSetting:
 
 
 # quick: sized so that 3 trainings + 6 surfaces of 15x15 + every metric (a small spectrum included) + one
-# connectivity curve finish in under 10 minutes on a 2-core CPU with bf16 autocast (README, Cost): batch 16
-# (~0.5 s per PTP step), surfaces ~9 points/s on 16 examples, HVPs on 8 examples
+# connectivity curve finish in under 10 minutes on a 2-core CPU with bf16 autocast (its cost: docs/results.md):
+# batch 16 (~0.5 s per PTP step), surfaces ~9 points/s on 16 examples, HVPs on 8 examples
 QUICK = [DemoSetting("minilm", (0,), 100, 16, 200, 512, "15", 16, 8,
                      "surface,hessian,sharpness,input,calibration,spectrum", (1, 12, 40), (30, 24, 11))]
 FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 32,
@@ -43,18 +51,7 @@ FULL = [DemoSetting("minilm", (0, 1, 2, 3, 4), 300, 32, 1275, None, "31", 256, 3
 
 
 def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "auto", progress: bool = True) -> Path:
-    """Train, measure and draw; return the figures folder."""
-    from landscape.connect import ConnectConfig, connect
-    from landscape.grid import SurfaceSpec
-    from landscape.measure import MetricsConfig
-    from landscape.pipeline import compare, find_checkpoints
-    from landscape.plot import PlotConfig, draw
-    from landscape.stats import console_table
-    from ptp_core.sweep import run_dir, run_sweep, summarize_runs, summary_markdown, write_summary
-    from ptp_core.train import TrainConfig
-
-    from ptp_core.backbones import native_bf16, resolve_device, resolve_dtype
-
+    """Train, measure and draw every setting of the mode; return the figures folder."""
     settings = QUICK if mode == "quick" else FULL
     device = resolve_device(device)
     dtype = resolve_dtype("auto", device)
@@ -69,56 +66,50 @@ def run_demo(mode: str = "quick", root: Path = Path("."), device: str = "auto", 
         print(f"\n== {setting.model}: {', '.join(METHODS)} x seeds {list(setting.seeds)}, {setting.steps} steps; "
               f"landscapes {setting.grid}x{setting.grid} on {setting.examples} test examples "
               f"(model metrics on {setting.metric_examples}) ==", flush=True)
-        started = time.time()
-        base = TrainConfig(model=setting.model, steps=setting.steps, batch_size=setting.batch_size,
-                           eval_every=max(1, setting.steps // 3), eval_examples=setting.eval_examples,
-                           test_examples=setting.test_examples,
-                           device=device, progress=progress)
-        run_sweep(base, METHODS, list(setting.seeds), runs)
-        rows = summarize_runs(runs, METHODS, list(setting.seeds))
-        write_summary(runs, rows)
-        print(summary_markdown(rows), end="")
-        print(f"training: {time.time() - started:.0f} s", flush=True)
-        started = time.time()
-        spec = SurfaceSpec(grid=setting.grid, examples=setting.examples)
-        probes, steps, hvps = setting.spectrum
-        metrics = MetricsConfig(tuple(setting.metrics.split(",")), setting.metric_examples, spectrum_probes=probes,
-                                spectrum_steps=steps, max_hvps=hvps, calibration_examples=min(512, 2 * setting.eval_examples))
-        comparison = compare(find_checkpoints([runs]), spec, metrics, out, ("prompt", "input"), device=device,
-                             progress=progress)
-        draw(comparison, PlotConfig(out))
-        print(console_table(comparison.rows))
-        print(f"landscapes and metrics: {time.time() - started:.0f} s")
-        started = time.time()
-        steps, examples, points = setting.connect
-        # one pair for the figure: two methods' seed-0 prompts (landscape.plot --connect pairs seeds of one method)
-        connect(run_dir(runs, "pt", 0), run_dir(runs, "ptp-rn", 0),
-                ConnectConfig(steps=steps, examples=examples, points=points, device=device), out / "connect",
-                overwrite=True, progress=progress)
-        print(f"mode connectivity pt <-> ptp-rn: {time.time() - started:.0f} s ({out}/connect/connect.pdf)")
+        train_runs(setting, runs, device, progress)
+        draw_landscapes(setting, runs, out, device, progress)
         print(f"figures: {out}/landscape_3d.pdf, contour.pdf, profiles.pdf, report.html; "
               f"tables: {out}/metrics.md (.csv, .tex, .json); runs: {runs}/summary.md")
     return figures
 
 
-def main(argv: list[str] | None = None) -> Path:
-    import argparse
-
-    from ptp_core import cli
-
-    p = cli.parser("python -m landscape.demo", "Train PT / PTP-RN / PTP-ADV and compare their loss landscapes.")
-    p.add_argument("--mode", default="quick", choices=("quick", "full"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
-    args = p.parse_args(argv)
-    cli.quiet_transformers()
+def train_runs(setting: DemoSetting, runs: Path, device: str, progress: bool) -> None:
+    """Every method x seed of the setting (finished runs are reused), and their summary table."""
     started = time.time()
-    figures = run_demo(args.mode, Path("."), cli.auto_device(args.device), args.progress)
-    print(f"\ndemo ({args.mode}) finished in {time.time() - started:.0f} s; open {figures}/report.html")
-    return figures
+    base = TrainConfig(model=setting.model, steps=setting.steps, batch_size=setting.batch_size,
+                       eval_every=max(1, setting.steps // 3), eval_examples=setting.eval_examples,
+                       test_examples=setting.test_examples, device=device, progress=progress)
+    run_sweep(base, list(METHODS), list(setting.seeds), runs)
+    rows = summarize_runs(runs, list(METHODS), list(setting.seeds))
+    write_summary(runs, rows)
+    print(summary_markdown(rows), end="")
+    print(f"training: {time.time() - started:.0f} s", flush=True)
+
+
+def draw_landscapes(setting: DemoSetting, runs: Path, out: Path, device: str, progress: bool) -> None:
+    """Surfaces in both spaces, metrics, figures and report of the runs; one connectivity curve pt <-> ptp-rn."""
+    started = time.time()
+    spec = SurfaceSpec(grid=setting.grid, examples=setting.examples)
+    probes, steps, hvps = setting.spectrum
+    metrics = MetricsConfig(tuple(setting.metrics.split(",")), setting.metric_examples, spectrum_probes=probes,
+                            spectrum_steps=steps, max_hvps=hvps, calibration_examples=min(512, 2 * setting.eval_examples))
+    comparison = compare(find_checkpoints([runs]), spec, metrics, out, ("prompt", "input"), device=device,
+                         progress=progress)
+    draw(comparison, PlotConfig(out))
+    print(console_table(comparison.rows))
+    print(f"landscapes and metrics: {time.time() - started:.0f} s")
+    started = time.time()
+    steps, examples, points = setting.connect
+    # one pair for the figure: two methods' seed-0 prompts (landscape.plot --connect pairs seeds of one method)
+    result = connect_checkpoints(run_dir(runs, "pt", 0), run_dir(runs, "ptp-rn", 0),
+                                 ConnectConfig(steps=steps, examples=examples, points=points, device=device),
+                                 progress=progress)
+    write_connection(result, out / "connect")
+    print(f"mode connectivity pt <-> ptp-rn: {time.time() - started:.0f} s ({out}/connect/connect.pdf)")
 
 
 if __name__ == "__main__":
+    from landscape.cli.demo import main  # the command line lives in cli/; this keeps `python -m landscape.demo`
     from ptp_core.cli import run
 
     run(main)

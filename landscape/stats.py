@@ -1,4 +1,4 @@
-"""Statistics across checkpoints (per method, between methods, vs test accuracy) and table writers.
+"""Statistics across checkpoints: per method, between methods, and against test accuracy (tables: landscape.draw.tables).
 
 A row is one checkpoint's dict: `checkpoint`, `method`, `seed`, metric values and
 `test_accuracy`. List values (hessian_eigenvalues) become columns `name_1, name_2, ...`
@@ -11,18 +11,14 @@ numpy/scipy only: no torch import here.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.stats
 
-from ptp_core.io import write_json, write_text
 
 ROW_KEYS = ("checkpoint", "method", "seed")
 # Columns tabulated but not analysed: row["cost"], row["settings"] and per-checkpoint uncertainties.
@@ -93,7 +89,7 @@ def metric_names(rows: list[dict]) -> list[str]:
     names: dict[str, None] = {}
     for row in map(flatten_row, rows):
         names.update({k: None for k, v in row.items()
-                      if k not in ROW_KEYS and not NOT_ANALYSED.search(k) and _is_number(v, finite=False)})
+                      if k not in ROW_KEYS and not NOT_ANALYSED.search(k) and is_number(v, finite=False)})
     return list(names)
 
 
@@ -154,7 +150,7 @@ def correlate(rows: list[dict], metrics: list[str] | None = None, target: str = 
     out = []
     for metric in [m for m in metric_names(rows) if m != target] if metrics is None else metrics:
         pairs = [(r.get(metric), r.get(target)) for r in map(flatten_row, rows)]
-        pairs = np.array([p for p in pairs if _is_number(p[0]) and _is_number(p[1])], dtype=np.float64).reshape(-1, 2)
+        pairs = np.array([p for p in pairs if is_number(p[0]) and is_number(p[1])], dtype=np.float64).reshape(-1, 2)
         result = Correlation(metric, target, len(pairs))
         if len(pairs) < 3:
             result.reason = f"{metric} vs {target}: {len(pairs)} checkpoint(s) with both; Spearman needs at least 3"
@@ -171,7 +167,7 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _is_number(value, finite: bool = True) -> bool:
+def is_number(value, finite: bool = True) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
 
 
@@ -179,35 +175,9 @@ def _groups(rows: list[dict], metric: str) -> dict[str, list[float]]:
     groups: dict[str, list[float]] = {}
     for row in map(flatten_row, rows):
         groups.setdefault(str(row.get("method")), [])
-        if _is_number(row.get(metric)):
+        if is_number(row.get(metric)):
             groups[str(row["method"])].append(float(row[metric]))
     return groups
-
-
-# ---- writers: metrics.json / .csv / .md / .tex, each written atomically into out_dir ----
-
-
-def write_metrics_json(rows: list[dict], out_dir: str | Path) -> Path:
-    """metrics.json: the per-checkpoint rows as given, indent=2, sort_keys, NaN/inf -> null."""
-    return write_json(Path(out_dir) / "metrics.json", rows)
-
-
-def write_metrics_csv(rows: list[dict], out_dir: str | Path) -> Path:
-    """metrics.csv: one flattened row per checkpoint; empty cell = missing; distributions (spectrum quadrature,
-    persistence pairs) as one JSON cell each, after the numbers."""
-    import json
-
-    from ptp_core.io import to_json
-
-    flat = [{**flatten_row(r), **{k: json.dumps(to_json(r[k]), allow_nan=False) for k in DISTRIBUTIONS
-                                  if r.get(k) is not None}} for r in rows]
-    identity = [k for k in ROW_KEYS if any(k in r for r in flat)]
-    columns = list(dict.fromkeys(identity + [k for r in flat for k in r]))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell(r.get(k)) for k in columns} for r in flat)
-    return write_text(Path(out_dir) / "metrics.csv", buffer.getvalue())
 
 
 @dataclass
@@ -231,100 +201,3 @@ def statistics(rows: list[dict], n_resamples: int = 10000, seed: int = 0, connec
     pairs = [{"method": c.get("method_a"), **{k: c.get(k) for k in BARRIERS}} for c in connections]
     return Statistics(summarize(rows, metrics, n_resamples, seed), compare_methods(rows, metrics), correlations,
                       summarize(pairs, list(BARRIERS), n_resamples, seed) if pairs else [])
-
-
-def write_metrics_md(rows: list[dict], out_dir: str | Path, stats: Statistics) -> Path:
-    """metrics.md: per-checkpoint table, per-method mean ± std [95% CI], pairwise tests, Spearman."""
-    tables = _tables(rows, stats, plus_minus="±")
-    parts = []
-    for title, header, body in tables:
-        lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        parts.append("\n".join(lines))
-    return write_text(Path(out_dir) / "metrics.md", "\n\n".join(parts) + "\n")
-
-
-def write_metrics_tex(rows: list[dict], out_dir: str | Path, stats: Statistics) -> Path:
-    """metrics.tex: the same tables as booktabs tabulars (needs \\usepackage{booktabs})."""
-    parts = ["% generated by landscape.stats; needs \\usepackage{booktabs}"]
-    for title, header, body in _tables(rows, stats, plus_minus="$\\pm$"):
-        text_columns = {"checkpoint", "method", "seed", "metric", "method a", "method b"}
-        align = "".join("l" if h in text_columns else "r" for h in header)
-        lines = [f"% {title}", "\\begin{tabular}{" + align + "}",
-                 "\\toprule", " & ".join(map(_tex, header)) + " \\\\", "\\midrule"]
-        lines += [" & ".join(_tex(c) if c != "" else "" for c in cells) + " \\\\" for cells in body]
-        parts.append("\n".join(lines + ["\\bottomrule", "\\end{tabular}"]))
-    return write_text(Path(out_dir) / "metrics.tex", "\n\n".join(parts) + "\n")
-
-
-def write_tables(rows: list[dict], out_dir: str | Path, stats: Statistics | None = None) -> dict[str, Path]:
-    """All four files; returns {suffix: path}. stats: computed here when not given."""
-    stats = stats or statistics(rows)
-    return {"json": write_metrics_json(rows, out_dir), "csv": write_metrics_csv(rows, out_dir),
-            "md": write_metrics_md(rows, out_dir, stats), "tex": write_metrics_tex(rows, out_dir, stats)}
-
-
-def _tables(rows: list[dict], stats: Statistics, plus_minus: str) -> list[tuple]:
-    """[(title, header, body rows of cell strings)] for the four tables of the md/tex writers."""
-    flat = [flatten_row(r) for r in rows]
-    metrics = metric_names(rows)
-    per_checkpoint = (["checkpoint", "method", "seed", *metrics],
-                      [["" if r.get(k) is None else str(r[k]) for k in ROW_KEYS]
-                       + [_number(r.get(m)) for m in metrics] for r in flat])
-    methods = list(dict.fromkeys(str(r.get("method")) for r in flat))
-    cells = {(s.metric, s.method): s for s in stats.summaries}
-
-    def summary_cell(s: GroupSummary) -> str:
-        if s.std is None:
-            return f"{_number(s.mean)} (n={s.n})"
-        return f"{_number(s.mean)} {plus_minus} {_number(s.std)} [{_number(s.ci_low)}, {_number(s.ci_high)}]"
-
-    grouped = (["metric", *methods], [[m, *(summary_cell(cells[m, method]) for method in methods)] for m in metrics])
-    tests = (["metric", "method a", "method b", "Welch t", "Welch p", "MWU U", "MWU p", "Hedges g", "rank-biserial"],
-             [[t.metric, t.method_a, t.method_b, *map(_number, (t.welch_t, t.welch_p, t.mann_whitney_u,
-                                                               t.mann_whitney_p, t.hedges_g, t.rank_biserial))]
-              for t in stats.tests])
-    spearman = (["metric", "vs", "n", "Spearman rho", "p"],
-                [[c.metric, c.target, str(c.n), _number(c.spearman_rho), _number(c.p_value)]
-                 for c in stats.correlations])
-    tables = []
-    if stats.barriers:
-        barrier_methods = list(dict.fromkeys(s.method for s in stats.barriers))
-        barrier_cells = {(s.metric, s.method): s for s in stats.barriers}
-        tables.append(("Mode connectivity between seeds of one method: loss barrier, mean ± std [95% CI] over pairs",
-                       ["barrier", *barrier_methods],
-                       [[m, *(summary_cell(barrier_cells[m, method]) for method in barrier_methods)]
-                        for m in BARRIERS]))
-    return [("Per checkpoint", *per_checkpoint), ("Per method: mean ± std [95% bootstrap CI]", *grouped), *tables,
-            ("Pairwise tests between methods", *tests), ("Rank correlations: every metric with test accuracy, sharpness with calibration error", *spearman)]
-
-
-def console_table(rows: list[dict]) -> str:
-    """The main numbers of each row as fixed-width text for the terminal."""
-    keys = ("method", "seed", "test_accuracy", "center_loss", "grid_sharpness", "hessian_eigenvalues",
-            "worst_case_sharpness", "input_worst_case_sharpness")
-    lines = ["  ".join(f"{k:>14}" for k in keys)]
-    for row in rows:
-        cells = []
-        for k in keys:
-            v = row.get(k)
-            v = v[0] if isinstance(v, list) and v else v
-            cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v):>14}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
-def _number(value) -> str:
-    return f"{value:.4g}" if _is_number(value) else "–"
-
-
-def _cell(value):
-    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
-
-
-def _tex(text: str) -> str:
-    math_mode = "$" in text  # our own cells carry "$\\pm$"; other text gets every special escaped
-    for raw, escaped in ([] if math_mode else [("\\", "\\textbackslash{}")]) + [
-            ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"), ("–", "--")]:
-        text = text.replace(raw, escaped)
-    return text

@@ -1,12 +1,17 @@
-"""ptp_core: soft prompts on frozen backbones (tasks, backbones, PromptModel, trainer, checkpoints).
+"""ptp_core: soft prompts on frozen backbones (tasks, encoding, backbones, PromptModel, trainer, checkpoints).
 
-`from ptp_core import load_checkpoint` works without importing torch until it is called.
+`from ptp_core import load_checkpoint` resolves on first use (PEP 562): importing a light submodule such as
+ptp_core.io (the drawing modules do) must not load torch and transformers through this package's __init__.
 """
+from __future__ import annotations
+
+import importlib
+
+LAZY = {"load_checkpoint": "ptp_core.checkpoint", "Checkpoint": "ptp_core.checkpoint"}
+__all__ = list(LAZY)
 
 
 def __getattr__(name: str):
-    if name in ("load_checkpoint", "Checkpoint"):
-        from ptp_core import checkpoint
-
-        return getattr(checkpoint, name)
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'ptp_core' has no attribute {name!r}")

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification, AutoTokenizer)
+from transformers.utils import logging as hf_logging
 
 # Embedded aliases: (package, file or folder inside it). Located without importing the package.
 EMBEDDED = {
@@ -96,8 +100,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     save_pretrained refuses a GGUF-loaded model, so the model is rebuilt from its config without
     `quantization_config` and the dequantized state dict is loaded into it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
         return out_dir
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -133,9 +135,7 @@ def resolve(name: str, cache_dir: Path | None = None) -> Path | str:
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(hub_constants.HF_HUB_OFFLINE)
 
 
 def _load_error(name: str, error: Exception) -> ValueError:
@@ -160,8 +160,6 @@ def default_head(name: str) -> str:
     scores the label words, as Lester et al. 2021 do), else the classifier."""
     if name in DEFAULT_HEAD:
         return DEFAULT_HEAD[name]
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(resolve(name))
     except (OSError, ValueError):
@@ -186,8 +184,6 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict) -> nn.Module:
-    import transformers
-
     if head == "classifier":
         if kind == "seq2seq":  # BartForSequenceClassification finds its EOS in input_ids, so no prompt can go in
             raise ValueError(f"{config.model_type}'s sequence-classification head reads token ids, which a soft prompt "
@@ -196,10 +192,9 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
             config.pad_token_id = config.eos_token_id
         config.num_labels = num_labels
         kwargs = {**kwargs, "ignore_mismatched_sizes": True}  # a folder's head for other labels is replaced, as HF does
-        auto = transformers.AutoModelForSequenceClassification
+        auto = AutoModelForSequenceClassification
     else:
-        auto = {"masked": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM,
-                "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
+        auto = {"masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[kind]
     try:
         return auto.from_pretrained(path, config=config, **kwargs)
     except ValueError as error:
@@ -214,9 +209,6 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
                   dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
                   attn_implementation: str | None = None) -> Backbone:
     """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer")."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     if name == "minilm" and head == "verbalizer":

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers import AutoConfig
 
+from ptp_core.backbones import load_backbone, resolve, resolve_device
+from ptp_core.data import DEFAULT_TEMPLATE, Task, load_task
 from ptp_core.io import atomic_folder, file_mode, to_json, write_json, write_text
+from ptp_core.model import PromptModel
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 META, TRAJECTORY, LOG = "ptp.json", "trajectory.safetensors", "metrics.jsonl"
@@ -52,8 +57,6 @@ def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) 
 def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, trajectory: dict[str, Tensor] | None = None,
                     backbone_config=None, overwrite: bool = True, log: list[dict] | None = None) -> Path:
     """Write the checkpoint folder as a whole (temp folder, then rename); `log` becomes metrics.jsonl."""
-    from safetensors.torch import save_file
-
     with atomic_folder(out, overwrite) as tmp:
         tensors = {PROMPT_KEY: params["prompt"].detach().float().cpu().contiguous()}
         tensors.update({HEAD_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in params.items() if k != "prompt"})
@@ -70,6 +73,15 @@ def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, traj
     return Path(out)
 
 
+def params_hash(params: dict[str, Tensor]) -> str:
+    """sha256 over trained tensors (names and float32 values): names surfaces computed for exactly these params."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -79,25 +91,26 @@ class Checkpoint:
     adapter: dict = field(default_factory=dict)
 
     def content_hash(self) -> str:
-        """sha256 over the trained tensors: names surfaces computed for exactly this checkpoint."""
-        digest = hashlib.sha256()
-        for name in sorted(self.params):
-            digest.update(name.encode())
-            digest.update(self.params[name].detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """params_hash of the trained tensors: names surfaces computed for exactly this checkpoint."""
+        return params_hash(self.params)
+
+    def task(self, name: str | None = None) -> Task:
+        """The task named in ptp.json (or `name`), with the label words and label names the prompt was trained with."""
+        name = name or self.meta.get("task")
+        if not name:
+            raise ValueError(f"{self.path} does not name its task; name one (--task on the command line, "
+                             "checkpoint.task(name) in Python)")
+        return load_task(name, label_words=self.meta.get("label_words"), label_names=self.meta.get("label_names"))
 
     def build_model(self, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None, label_words: list[str] | None = None,
                     template: str | None = None, attn_implementation: str | None = None,
-                    num_labels: int | None = None):
+                    num_labels: int | None = None) -> PromptModel:
         """The PromptModel with its frozen backbone and tokenizer, holding these params.
 
         The label count comes from ptp.json, the label words, `num_labels` (the task's) or, for a classifier,
         the model's config; the head tensors must then fit the model's head exactly.
         """
-        from ptp_core.backbones import load_backbone, resolve_device
-        from ptp_core.model import PromptModel
-
         device, meta = resolve_device(device), self.meta
         words = label_words or meta.get("label_words")
         count = meta.get("num_labels") or (len(words) if words else None) or num_labels
@@ -109,7 +122,7 @@ class Checkpoint:
         if backbone.embedding_dim != self.params["prompt"].shape[1]:
             raise ValueError(f"checkpoint {self.path} has token_dim {self.params['prompt'].shape[1]} but model "
                              f"{meta['model']!r} has {backbone.embedding_dim}; use the model it was trained on")
-        default_template = "{text} It was {mask}." if meta["head"] == "verbalizer" else "{text}"
+        default_template = DEFAULT_TEMPLATE if meta["head"] == "verbalizer" else "{text}"
         model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default_template,
                             meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()})
         _check_head(self, model.head_params(), count)
@@ -117,14 +130,32 @@ class Checkpoint:
         return model
 
 
-def _config_num_labels(model: str, cache_dir: Path | None) -> int | None:
+# what fixes the loss a prompt is measured on: two checkpoints that agree on these share one landscape
+COMPARABLE_META = ("model", "head", "task", "label_words", "template", "max_length")
+
+
+def check_comparable(first: Checkpoint, second: Checkpoint, verb: str,
+                     keys: tuple[str, ...] = COMPARABLE_META) -> None:
+    """ValueError unless two checkpoints agree on `keys` of ptp.json and on their tensors' names and shapes.
+
+    verb: what the caller does with the pair ("connect", "interpolate"), named in the message.
+    """
+    for key in keys:
+        if first.meta.get(key) != second.meta.get(key):
+            raise ValueError(f"cannot {verb} {first.path} and {second.path}: different models or prompt shapes (their "
+                             f"{key} differs: {first.meta.get(key)!r} vs {second.meta.get(key)!r}); {verb} "
+                             "checkpoints of one model, head, task, template and prompt length")
+    shapes = [{k: tuple(v.shape) for k, v in c.params.items()} for c in (first, second)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"cannot {verb} {first.path} and {second.path}: different models or prompt shapes (their "
+                         f"tensors differ: {shapes[0]} vs {shapes[1]}); {verb} checkpoints of one prompt length "
+                         "and head")
+
+
+def _config_num_labels(model_name: str, cache_dir: Path | None) -> int | None:
     """The label count a model folder's config declares (id2label), None when it declares none."""
-    from transformers import AutoConfig
-
-    from ptp_core.backbones import resolve
-
     try:
-        return AutoConfig.from_pretrained(resolve(model, cache_dir)).num_labels
+        return AutoConfig.from_pretrained(resolve(model_name, cache_dir)).num_labels
     except (OSError, ValueError):
         return None  # load_backbone reports the unloadable model in one line
 
@@ -152,8 +183,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files

@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
+import torch.distributed as dist
+from transformers.utils import logging as hf_logging
+
+from ptp_core.backbones import resolve_device
+
 
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
@@ -43,15 +48,11 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
 
 
 def auto_device(requested: str = "auto") -> str:
-    from ptp_core.backbones import resolve_device
-
     return resolve_device(requested)
 
 
 def end_distributed() -> None:
     """Destroy torch.distributed's process group, if one is up (run() then leaves the rank with os._exit)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -64,22 +65,20 @@ def cache_dir() -> Path | None:
 
 def quiet_transformers() -> None:
     """No weight-loading progress bars or load reports on the command line."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
-def positive(kind: type) -> Callable[[str], object]:
+def positive(number_type: type) -> Callable[[str], object]:
     """argparse type: a number > 0, with a one-line message otherwise."""
     def convert(text: str):
         try:
-            value = kind(text)
+            value = number_type(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
 
-    convert.__name__ = kind.__name__
+    convert.__name__ = number_type.__name__
     return convert

@@ -1,7 +1,7 @@
 """Classification tasks: the embedded rotten_tomatoes reviews, CSV/JSONL files, HF datasets.
 
 A task is plain text and integer labels per split, plus what a verbalizer head needs
-(label words and a cloze template). Tokenization belongs to the model, not here.
+(label words and a cloze template). Tokenization belongs to ptp_core.encoding, not here.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 20230505  # fixed: every run and every machine sees the same split
@@ -156,16 +158,16 @@ def _hf_dataset(name: str) -> list[dict]:
     if importlib.util.find_spec("datasets") is None:
         raise ValueError(f"{name!r} is neither an embedded task nor a file, and the `datasets` package is not "
                          "installed; pip install datasets, or give a CSV/JSONL file with text,label columns")
-    import datasets  # heavy; only here
+    import datasets  # optional and slow to import (pyarrow, pandas): only a task loaded by HF name needs it
 
     try:
         loaded = datasets.load_dataset(name)
     except Exception as error:  # the hub or the dataset script can fail in many ways
         raise ValueError(f"cannot load HF dataset {name!r}: {str(error).splitlines()[0]}") from None
     rows = []
-    for split_name, split in loaded.items():
+    for split_name, hf_rows in loaded.items():
         target = {"valid": "validation", "dev": "validation"}.get(split_name, split_name)
-        for row in split:
+        for row in hf_rows:
             rows.append({"text": row.get("text", row.get("sentence")), "label": row["label"], "split": target})
     if not any(r["split"] == "validation" for r in rows):
         for r in rows:
@@ -199,12 +201,10 @@ def load_task(name_or_path: str, label_words: list[str] | None = None, template:
     return task
 
 
-def batch_indices(n: int, batch_size: int, generator=None) -> list[list[int]]:
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:
     """Split range(n) into batches; shuffled by a torch.Generator when one is given, else in order."""
     if generator is None:
         order = list(range(n))
     else:
-        import torch
-
         order = torch.randperm(n, generator=generator).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -1,4 +1,4 @@
-"""Atomic files and folders, and strict JSON: the one writer of both packages.
+"""Atomic files and folders, strict JSON, and the check of an --out folder: the one writer of both packages.
 
 Readers never see half a file: text and bytes go to a temp file beside the target, then are renamed
 over it; a folder is filled under a temp name, then renamed into place. What is written gets the
@@ -98,3 +98,19 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse an --out that is a file, or a folder that already holds a result, unless `overwrite`.
+
+    marker: the file whose presence means the folder holds a result (connect.json); None: any content does (a run).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if overwrite or not out.is_dir():
+        return
+    if marker is None and any(out.iterdir()):
+        raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
+    if marker is not None and (out / marker).exists():
+        raise ValueError(f"{out} already holds {marker}; pass --overwrite or choose another --out")

@@ -4,12 +4,12 @@ The model is functional in its trainable tensors: `loss(params, batch)` takes th
 head) as arguments and never stores them by mutation. A leading stack dimension G on the
 params evaluates G prompt variants in one forward by folding G into the batch.
 Virtual tokens go before every input token and the attention mask is extended for them
-(PEFT's convention, so checkpoints are interchangeable with PEFT).
+(PEFT's convention, so checkpoints are interchangeable with PEFT). Templates and tokenization are
+ptp_core.encoding's; `encode` and `predict` here apply them with this model's tokenizer and settings.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -17,28 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ptp_core import encoding
 from ptp_core.backbones import Backbone, max_positions
+from ptp_core.encoding import Batch
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
 HEAD_INIT_STD = 0.02  # transformers' default initializer_range
 VOCAB_INIT_TOP = 5000  # Lester et al. 2021 sample init tokens from the 5k most common ids
-
-
-@dataclass
-class Batch:
-    input_ids: Tensor  # (B, T) right-padded
-    attention_mask: Tensor  # (B, T)
-    text_mask: Tensor  # (B, T) bool: tokens of the input text, the only ones a perturbation may touch
-    answer_index: Tensor  # (B,) position, in the unprompted sequence, where the verbalizer reads
-    labels: Tensor  # (B,)
-
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.text_mask,
-                                               self.answer_index, self.labels)))
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
 
 
 class _Replay(nn.Module):
@@ -110,7 +95,8 @@ class PromptModel(nn.Module):
             if len(self.label_words) != num_labels:
                 raise ValueError(f"verbalizer needs {num_labels} label words, got {self.label_words}")
             # on the backbone's device: PromptModel itself is never moved, and a CPU index would copy every forward
-            self.register_buffer("label_ids", self._label_word_ids().to(self.device), persistent=False)
+            label_ids = encoding.label_word_ids(self.tokenizer, self.label_words, self.kind)  # (C,)
+            self.register_buffer("label_ids", label_ids.to(self.device), persistent=False)
             if self.kind == "masked" and self.tokenizer.mask_token is None:
                 raise ValueError(f"{self.model_name} has no mask token for a masked-LM verbalizer")
         self._params = MappingProxyType(dict(params or {}))  # read-only: trainable tensors are passed in
@@ -151,70 +137,15 @@ class PromptModel(nn.Module):
                              f"directions need; load the model with attn_implementation='sdpa' or 'eager'")
 
     def check_length(self, prompt_length: int, text_length: int | None = None) -> None:
-        """Refuse a prompt plus text longer than the model's positions (ValueError with how to mend it)."""
-        text_length = self.max_length if text_length is None else text_length
-        if self.max_positions is not None and prompt_length + text_length > self.max_positions:
-            raise ValueError(f"{prompt_length} virtual tokens plus {text_length} text tokens exceed the "
-                             f"{self.max_positions} positions of {self.model_name}; lower --prompt-len or --max-length")
+        """Refuse a prompt plus text (default: --max-length tokens) longer than the model's positions."""
+        encoding.check_length(prompt_length, self.max_length if text_length is None else text_length,
+                              self.max_positions, self.model_name)
 
-    def _label_word_ids(self) -> Tensor:
-        ids = []
-        for word in self.label_words:
-            text = word if self.kind == "masked" else " " + word  # generated words follow a space
-            tokens = self.tokenizer(text, add_special_tokens=False).input_ids
-            if not tokens:
-                raise ValueError(f"label word {word!r} tokenizes to nothing")
-            ids.append(tokens[0])
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"label words {self.label_words} share their first token; choose distinct words")
-        return torch.tensor(ids)
-
-    # ---- tokenization -----------------------------------------------------------------------
-    def render(self, text: str) -> tuple[str, int]:
-        """Apply the template; return the string and the character offset where the text starts."""
-        if self.head == "classifier" or self.kind == "seq2seq":  # seq2seq: the decoder writes the answer
-            template = self.template.replace("{mask}", "").rstrip()
-        elif self.kind == "causal":
-            template = self.template.split("{mask}")[0].rstrip()  # the answer is the next token
-        else:
-            template = self.template.replace("{mask}", self.tokenizer.mask_token)
-        prefix = template.split("{text}")[0]
-        return template.replace("{text}", text, 1), len(prefix)
-
-    def _tokenize(self, text: str) -> tuple[list[int], list[bool], int]:
-        for _ in range(3):  # truncate the text (never the template) until the sequence fits
-            rendered, start = self.render(text)
-            end = start + len(text)
-            enc = self.tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            text_mask = [s >= start and e <= end and e > s for s, e in offsets]
-            excess = len(ids) - self.max_length
-            if excess <= 0:
-                break
-            text_positions = [i for i, m in enumerate(text_mask) if m]
-            keep = max(1, len(text_positions) - excess)
-            text = text[:offsets[text_positions[keep - 1]][1] - start]
-        if self.head == "verbalizer" and self.kind == "masked":
-            answer = max(i for i, t in enumerate(ids) if t == self.tokenizer.mask_token_id and not text_mask[i])
-        else:
-            answer = len(ids) - 1  # causal verbalizer and decoder classifiers read the last real token
-        return ids, text_mask, answer
-
+    # ---- tokenization (ptp_core.encoding) ---------------------------------------------------
     def encode(self, texts: list[str], labels: list[int] | None = None) -> Batch:
-        """Tokenize, apply the template and right-pad to the longest example."""
-        rows = [self._tokenize(t) for t in texts]
-        width = max(len(ids) for ids, _, _ in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        text_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (ids, mask, _) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attention[i, :len(ids)] = 1
-            text_mask[i, :len(ids)] = torch.tensor(mask)
-        answer = torch.tensor([a for _, _, a in rows])
-        label_tensor = torch.tensor(labels if labels is not None else [-100] * len(rows))
-        return Batch(input_ids, attention, text_mask, answer, label_tensor).to(self.device)
+        """Tokenize, apply the template and right-pad to the longest example; on the model's device."""
+        return encoding.encode(self.tokenizer, texts, labels, template=self.template, head=self.head,
+                               kind=self.kind, max_length=self.max_length).to(self.device)
 
     def embed(self, batch: Batch) -> Tensor:
         """(B, T, D) word embeddings of the batch's tokens."""
@@ -239,9 +170,8 @@ class PromptModel(nn.Module):
         full = torch.cat([prompt, embeds], dim=2).reshape(groups * size, length + width, -1)  # (G*B, P+T, D)
         ones = batch.attention_mask.new_ones(size, length)
         attention = torch.cat([ones, batch.attention_mask], dim=1).repeat(groups, 1)  # (G*B, P+T)
-        if self.max_positions is not None and length + width > self.max_positions:
-            self.check_length(length, width)
-        head = {k: v for k, v in params.items() if k != "prompt"}
+        encoding.check_length(length, width, self.max_positions, self.model_name)
+        head_params = {k: v for k, v in params.items() if k != "prompt"}
         if self.kind == "seq2seq":  # the whole model: encoder, one decoder step, the LM head at that step only
             start = torch.full((groups * size, 1), self.backbone.config.decoder_start_token_id, device=full.device)
             out = self.backbone(inputs_embeds=full, attention_mask=attention, decoder_input_ids=start)
@@ -255,27 +185,27 @@ class PromptModel(nn.Module):
             answer = length + batch.answer_index.repeat(groups)  # (G*B,)
             picked = states[torch.arange(states.shape[0], device=states.device), answer].unsqueeze(1)  # (G*B, 1, H)
             hidden = type(hidden)(last_hidden_state=picked)
-        logits = self._run_head(head, hidden, groups)  # (G, B, C)
+        logits = self._run_head(head_params, hidden, groups)  # (G, B, C)
         return logits if stacked else logits.squeeze(0)
 
-    def _run_head(self, head: dict[str, Tensor], hidden, groups: int) -> Tensor:
+    def _run_head(self, head_params: dict[str, Tensor], hidden, groups: int) -> Tensor:
         """(G, B, C) class logits: the task model's own forward over `hidden`, with the head tensors substituted.
 
         Stacked head tensors (G, ...) run the head once per group on that group's rows (the backbone ran once).
         """
         shapes = {k: v.dim() for k, v in self._head_view.named_parameters()}
-        stacked = any(v.dim() == shapes[k] + 1 for k, v in head.items())
-        rows = hidden.last_hidden_state.shape[0] // groups
+        stacked = any(v.dim() == shapes[k] + 1 for k, v in head_params.items())
+        size = hidden.last_hidden_state.shape[0] // groups  # B: rows per group
         if not stacked:
-            return self._head_logits(head, hidden).reshape(groups, rows, -1)
-        parts = [self._head_logits({k: v[g] if v.dim() == shapes[k] + 1 else v for k, v in head.items()},
-                                   _slice_output(hidden, g * rows, (g + 1) * rows)) for g in range(groups)]
+            return self._head_logits(head_params, hidden).reshape(groups, size, -1)  # (G, B, C)
+        parts = [self._head_logits({k: v[g] if v.dim() == shapes[k] + 1 else v for k, v in head_params.items()},
+                                   _slice_output(hidden, g * size, (g + 1) * size)) for g in range(groups)]
         return torch.stack(parts)  # (G, B, C)
 
-    def _head_logits(self, head: dict[str, Tensor], hidden) -> Tensor:
+    def _head_logits(self, head_params: dict[str, Tensor], hidden) -> Tensor:
         self._replay.output = hidden
         try:
-            out = functional_call(self._head_view, head, (), {"inputs_embeds": hidden.last_hidden_state},
+            out = functional_call(self._head_view, head_params, (), {"inputs_embeds": hidden.last_hidden_state},
                                   strict=False)
         finally:
             self._replay.output = None

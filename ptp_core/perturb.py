@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ptp_core.model import Batch, PromptModel
+from ptp_core.encoding import Batch
+from ptp_core.model import PromptModel
 
 TARGETS = ("input", "prompt", "text")
 NOISES = ("gaussian", "uniform")
@@ -31,11 +32,11 @@ class PerturbConfig:
     target: str = "input"
     reg_weight: float = 1.0  # lam: clean and perturbed CE weigh the same, as in PTP
     noise: str = "gaussian"
-    sigma: float = 1.0  # noise RMS / embedding RMS; BERT shrugs off less (README, Limits: strength calibration)
+    sigma: float = 1.0  # noise RMS / embedding RMS; BERT shrugs off less (docs/results.md, Limits)
     mask_rate: float = 0.15  # BERT's masking rate; a fraction of the text tokens
     replacement: str = "mask"  # falls back to unk, then pad, for tokenizers without a mask token
     adv_steps: int = 1  # K ascent steps; K=1 keeps the cost near 2x pt
-    epsilon: float = 0.003  # relative radius of the input ball; chosen on validation accuracy (README, Results)
+    epsilon: float = 0.003  # relative radius of the input ball; chosen on validation accuracy (experiments/ptp_study)
     adv_step_size: float = 1.0  # ascent step as a fraction of the radius; 1.0 with K=1 is FGSM from the random start
     adv_init: float = 0.5  # random start at this fraction of the radius (Madry et al. 2018 start inside the ball)
     adv_norm: str = "l2"
@@ -43,9 +44,9 @@ class PerturbConfig:
     rho: float = 0.05  # relative radius of the prompt ball (SAM's rho, relative to the embedding RMS)
     swaps: int = 1  # HotFlip: token substitutions per input
     # Schedule of lam: 0 (train clean) for the first reg_warmup steps, then linear from 0 to lam over reg_ramp steps.
-    # Adversarial training commonly delays or ramps its term so that the model first learns (README, Results:
+    # Adversarial training commonly delays or ramps its term so that the model first learns (docs/results.md:
     # without it PTP-ADV can hold a seed on the constant predictor, which is perfectly robust). 40/40 was chosen,
-    # for PTP-RN and PTP-ADV alike, on validation accuracy (bench/ptp_study.py): PT leaves its plateau near step 40.
+    # for PTP-RN and PTP-ADV alike, on validation accuracy (experiments/ptp_study): PT leaves its plateau near step 40.
     reg_warmup: int = 40
     reg_ramp: int = 40
 
@@ -96,9 +97,9 @@ def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-def random_noise(shape: tuple[int, ...], rms: float, kind: str, generator: torch.Generator, like: Tensor) -> Tensor:
+def random_noise(shape: tuple[int, ...], rms: float, noise: str, generator: torch.Generator, like: Tensor) -> Tensor:
     """Noise of the given RMS per coordinate: Gaussian N(0, rms^2) or uniform on [-sqrt(3) rms, sqrt(3) rms]."""
-    if kind == "gaussian":
+    if noise == "gaussian":
         return _randn(shape, generator, like) * rms
     return (torch.rand(shape, generator=generator).to(like.device, like.dtype) * 2 - 1) * (math.sqrt(3) * rms)
 

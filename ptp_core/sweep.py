@@ -10,17 +10,24 @@ accuracy, and the seed spread of the validation-accuracy curve over training.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import json
 import math
+import os
 import statistics
+import time
 from dataclasses import replace
 from io import StringIO
 from pathlib import Path
 
+import torch.distributed as dist
+
+from ptp_core import cli
 from ptp_core.checkpoint import META
 from ptp_core.io import write_text
-from ptp_core.train import COLLAPSE_TOLERANCE, TrainConfig, train
+from ptp_core.train import COLLAPSE_TOLERANCE, METHODS, TrainConfig, add_arguments, config_from_args, train
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
                    "test_accuracy_max", "best_validation_accuracy_mean", "best_validation_accuracy_std",
@@ -137,8 +144,6 @@ def write_summary(out: str | Path, rows: list[dict], collapsed: list[str] = ()) 
 
 
 def _int_list(text: str) -> list[int]:
-    import argparse
-
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -146,17 +151,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    import datetime
-    import os
-    import time
-
-    import torch
-
-    from ptp_core import cli
-    from ptp_core.train import METHODS, add_arguments, config_from_args
-
     p = cli.parser("python -m ptp_core.sweep", "Train every method x seed; summarize accuracy and seed spread.")
-    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["pt", "ptp-rn", "ptp-adv"],
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=list(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
     p.add_argument("--out", required=True, help="runs go to OUT/<method>/seed<k>/")
@@ -173,13 +169,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     base = config_from_args(args, out=args.out)  # validates every flag before any run starts
     if world > 1:  # a barrier only: each rank trains on its own; runs can take hours, hence the long timeout
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     started = time.time()
     done = run_sweep(base, args.methods, args.seeds, args.out, rank, world)
     for item in done:
         print(f"rank {rank}: {item['method']} seed {item['seed']}: {item['status']} ({item['path']})", flush=True)
     if world > 1:
-        torch.distributed.barrier()
+        dist.barrier()
     if rank == 0:
         rows = summarize_runs(args.out, args.methods, args.seeds)
         collapsed = collapsed_runs(args.out, args.methods, args.seeds)
@@ -191,6 +187,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from ptp_core.cli import run
-
-    run(main)
+    cli.run(main)

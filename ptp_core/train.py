@@ -1,9 +1,10 @@
-"""Prompt tuning on a frozen backbone: vanilla PT now, the PTP regularizers plug in at `step_gradients`.
+"""Prompt tuning on a frozen backbone: vanilla PT, or PT with a PTP regularizer (perturb.py) in `step_gradients`.
 
     python -m ptp_core.train --model minilm --task rotten_tomatoes --method pt --seed 0 --out runs/x
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -13,12 +14,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from ptp_core.backbones import autocast, default_head, resolve_device, resolve_dtype
+from ptp_core import cli
+from ptp_core.backbones import autocast, default_head, load_backbone, resolve_device, resolve_dtype
 from ptp_core.checkpoint import META, save_checkpoint
-from ptp_core.data import batch_indices, load_task
-from ptp_core.evaluate import encode_split, evaluate
+from ptp_core.data import Task, batch_indices, load_task
+from ptp_core.encoding import Batch, batch_split
+from ptp_core.evaluate import EVAL_BATCH_SIZE, evaluate
+from ptp_core.io import check_output_folder
 from ptp_core.model import PROMPT_INITS, PromptModel
 from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
 
@@ -26,7 +32,7 @@ METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling inside every PTP ascent step
 
 
-# Default prompt learning rates, from small searches on the embedded task (README, Results):
+# Default prompt learning rates, from small searches on the embedded task (docs/results.md, Training):
 # minilm + classifier: 3e-2; smollm2 + verbalizer, test accuracy after 60 steps: 1e-3 -> 0.67, 3e-3 -> 0.75,
 # 3e-2 -> 0.59 (batch 8; no learning), 0.1 -> 0.48 (150 steps). Why the larger steps fail is not established.
 PROMPT_LR = {"classifier": 3e-2, "verbalizer": 3e-3}
@@ -114,7 +120,7 @@ def collapsed(log: list[dict], prior_entropy: float, tolerance: float = COLLAPSE
     return bool(losses) and abs(losses[-1] - prior_entropy) <= tolerance
 
 
-def step_gradients(model: PromptModel, params: dict[str, Tensor], batch, config: TrainConfig,
+def step_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: TrainConfig,
                    generator: torch.Generator, step: int = 1) -> dict[str, float]:
     """Backpropagate this method's training loss at `step` (1-based) into params; return the losses to log.
 
@@ -127,107 +133,138 @@ def step_gradients(model: PromptModel, params: dict[str, Tensor], batch, config:
     return {"loss": clean.item(), "clean_loss": clean.item(), **({"reg_weight": 0.0} if config.method != "pt" else {})}
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
-
-
 def _versions() -> dict:
-    import transformers
-
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def train(config: TrainConfig) -> Path:
-    """Train one prompt; select the best step on validation; save the checkpoint; return its path."""
-    from tqdm.auto import tqdm
+@dataclass
+class FitResult:
+    """What the training loop leaves: the best step's tensors on validation, the log, the prompt's trajectory."""
+    params: dict[str, Tensor]  # the best step's tensors (the initial ones when training stopped before validating)
+    best_accuracy: float  # validation accuracy at best_step
+    best_step: int
+    log: list[dict]  # a row per step, and a row per validation
+    trajectory: dict[str, Tensor]  # "prompts" (S, P, D), "steps" (S,)
+    status: str  # "complete", or why training stopped early
 
-    from ptp_core.backbones import load_backbone
 
-    out = Path(config.out)
-    check_output(out, config.overwrite)
-    started = time.time()
-    generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
-    noise = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations draw from their own stream
-    task = load_task(config.task, config.label_words, config.template)
-    device = resolve_device(config.device)
-    compute = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
+def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptModel:
+    """The frozen backbone with its head for `task`; the verbalizer reads the task's cloze template."""
     backbone = load_backbone(config.model, config.head, task.num_labels, device, torch.float32,
                              Path(config.cache_dir) if config.cache_dir else None)
     template = task.template if config.head == "verbalizer" else (config.template or "{text}")
-    model = PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length)
-    params = {k: v.clone().requires_grad_(True) for k, v in
-              model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text).items()}
-    head = [v for k, v in params.items() if k != "prompt"]
-    optimizer = torch.optim.AdamW([{"params": [params["prompt"]], "lr": config.lr},
-                                   {"params": head, "lr": config.head_lr}][:2 if head else 1],
-                                  weight_decay=config.weight_decay)
+    return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length)
+
+
+def make_optimizer(params: dict[str, Tensor], config: TrainConfig
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the prompt and the head at their own learning rates; linear warmup, then linear decay."""
+    head_tensors = [v for k, v in params.items() if k != "prompt"]
+    groups = [{"params": [params["prompt"]], "lr": config.lr}]
+    if head_tensors:
+        groups.append({"params": head_tensors, "lr": config.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_ratio * config.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup))
+    return optimizer, scheduler
+
+
+def _copy(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def fit_prompt(model: PromptModel, params: dict[str, Tensor], task: Task, config: TrainConfig,
+               generator: torch.Generator, noise_generator: torch.Generator, compute_dtype: str,
+               prior_entropy: float) -> FitResult:
+    """The training loop: optimizer steps on `params` (updated in place), validation every eval_every steps, the
+    best step on validation accuracy kept; stops at the first non-finite loss."""
+    optimizer, scheduler = make_optimizer(params, config)
     train_split = task.splits["train"]
-    prior_entropy = label_prior_entropy(train_split.labels, task.num_labels)
-    valid_batches = encode_split(model, task.splits["validation"].head(config.eval_examples))
-    log, snapshots, steps_seen = [], [params["prompt"].detach().cpu().clone()], [0]
-    best = {"accuracy": -1.0, "step": 0, "params": {k: v.detach().clone() for k, v in params.items()}}
-    batches, status = [], "complete"
+    valid_batches, _ = batch_split(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
+    log, snapshots, snapshot_steps = [], [params["prompt"].detach().cpu().clone()], [0]
+    best_params, best_accuracy, best_step, status = _copy(params), -1.0, 0, "complete"
+    pending = []  # this epoch's batches of example indices not trained on yet
     bar = tqdm(range(1, config.steps + 1), desc=f"{config.method} seed {config.seed}", disable=not config.progress)
     for step in bar:
-        if not batches:
-            batches = batch_indices(len(train_split), config.batch_size, generator)
-        index = batches.pop(0)
-        batch = model.encode([train_split.texts[i] for i in index], [train_split.labels[i] for i in index])
+        if not pending:
+            pending = batch_indices(len(train_split), config.batch_size, generator)
+        indices = pending.pop(0)
+        batch = model.encode([train_split.texts[i] for i in indices], [train_split.labels[i] for i in indices])
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, compute):
-            losses = step_gradients(model, params, batch, config, noise, step)
+        with autocast(model.device, compute_dtype):
+            losses = step_gradients(model, params, batch, config, noise_generator, step)
         if not all(math.isfinite(v) for v in losses.values()):
             status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
             break
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best['accuracy']:.3f}")
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
         log.append({"step": step, "lr": scheduler.get_last_lr()[0], **losses})
         if step % config.snapshot_every == 0:
             snapshots.append(params["prompt"].detach().cpu().clone())
-            steps_seen.append(step)
+            snapshot_steps.append(step)
         if step % config.eval_every == 0 or step == config.steps:
-            with autocast(device, compute):
+            with autocast(model.device, compute_dtype):
                 result = evaluate(model, params, valid_batches)
             recent = [row["clean_loss"] for row in log[-config.eval_every:] if "clean_loss" in row]
             log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"],
                         "clean_loss_mean": sum(recent) / max(1, len(recent)), "label_prior_entropy": prior_entropy})
-            if result["accuracy"] > best["accuracy"]:
-                best = {"accuracy": result["accuracy"], "step": step,
-                        "params": {k: v.detach().clone() for k, v in params.items()}}
+            if result["accuracy"] > best_accuracy:
+                best_params, best_accuracy, best_step = _copy(params), result["accuracy"], step
     bar.close()
-    final = best["params"]
-    with autocast(device, compute):
-        if best["accuracy"] < 0:  # stopped before the first evaluation: measure the initial prompt
-            best["accuracy"] = evaluate(model, final, valid_batches)["accuracy"]
-        test = evaluate(model, final, encode_split(model, task.splits["test"].head(config.test_examples)))
+    if best_accuracy < 0:  # stopped before the first validation: measure the initial prompt
+        with autocast(model.device, compute_dtype):
+            best_accuracy = evaluate(model, best_params, valid_batches)["accuracy"]
+    trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(snapshot_steps)}  # (S, P, D), (S,)
+    return FitResult(best_params, best_accuracy, best_step, log, trajectory, status)
+
+
+def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitResult, test: dict, prior_entropy: float,
+             device: str, compute_dtype: str, seconds: float) -> dict:
+    """ptp.json: every setting, what the run was trained on, its metrics and log, library versions."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "overwrite", "cache_dir")}
-    meta = {
-        **settings, "head": config.head, "kind": backbone.kind, "model_path": backbone.path,
-        "compute_dtype": compute, "device": device,
+    return {
+        **settings, "head": config.head, "kind": model.kind, "model_path": model.model_path,
+        "compute_dtype": compute_dtype, "device": device,
         "task": config.task, "label_names": task.label_names, "label_words": task.label_words,
-        "template": template, "num_labels": task.num_labels, "split_sizes": task.sizes(), "status": status,
+        "template": model.template, "num_labels": task.num_labels, "split_sizes": task.sizes(),
+        "status": result.status,
         "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_n": test["n"],
-                    "best_validation_accuracy": best["accuracy"], "best_step": best["step"],
-                    "label_prior_entropy": prior_entropy, "collapsed": collapsed(log, prior_entropy),
-                    "seconds": round(time.time() - started, 1)},
-        "log": log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "best_validation_accuracy": result.best_accuracy, "best_step": result.best_step,
+                    "label_prior_entropy": prior_entropy, "collapsed": collapsed(result.log, prior_entropy),
+                    "seconds": round(seconds, 1)},
+        "log": result.log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(steps_seen)}  # (S, P, D), (S,)
-    save_checkpoint(out, final, meta, trajectory, backbone.model.config, overwrite=True, log=log)
-    if status != "complete":
-        raise ValueError(f"{status} ({out})")
+
+
+def train(config: TrainConfig) -> Path:
+    """Train one prompt; select the best step on validation; save the checkpoint; return its path."""
+    out = Path(config.out)
+    check_output_folder(out, config.overwrite)
+    started = time.time()
+    generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
+    noise_generator = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations: their own stream
+    task = load_task(config.task, config.label_words, config.template)
+    device = resolve_device(config.device)
+    compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
+    model = build_prompt_model(config, task, device)
+    params = {k: v.clone().requires_grad_(True) for k, v in
+              model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text).items()}
+    prior_entropy = label_prior_entropy(task.splits["train"].labels, task.num_labels)
+    result = fit_prompt(model, params, task, config, generator, noise_generator, compute_dtype, prior_entropy)
+    test_batches, _ = batch_split(model, task.splits["test"].head(config.test_examples), EVAL_BATCH_SIZE)
+    with autocast(device, compute_dtype):
+        test = evaluate(model, result.params, test_batches)
+    meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
+    save_checkpoint(out, result.params, meta, result.trajectory, model.backbone.config, overwrite=True, log=result.log)
+    if result.status != "complete":
+        raise ValueError(f"{result.status} ({out})")
     return out
 
 
 def add_arguments(p) -> None:
     """The training flags (shared with the sweep, which passes them on to every run)."""
-    from ptp_core import cli
-
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="minilm, smollm2, an HF model id or a local folder")
     p.add_argument("--task", default=d.task, help="rotten_tomatoes, a CSV/JSONL file (text,label[,split]) or HF name")
@@ -254,7 +291,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=d.dtype, choices=TRAIN_DTYPES,
                    help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
-    p.add_argument("--progress", default=True, action=__import__("argparse").BooleanOptionalAction)
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
     q = PerturbConfig()
     g = p.add_argument_group("PTP regularizers", "L = CE(clean) + reg_weight * CE(perturbed); scales are relative "
                              "to the RMS of the embedding table")
@@ -269,7 +306,7 @@ def add_arguments(p) -> None:
     g.add_argument("--adv-step-size", type=float, default=q.adv_step_size, help="ascent step, fraction of the radius")
     g.add_argument("--adv-init", type=float, default=q.adv_init, help="random start, fraction of the radius")
     g.add_argument("--adv-norm", default=q.adv_norm, choices=BALL_NORMS)
-    g.add_argument("--adv-free", default=q.adv_free, action=__import__("argparse").BooleanOptionalAction,
+    g.add_argument("--adv-free", default=q.adv_free, action=argparse.BooleanOptionalAction,
                    help="ptp-adv input: FreeLB, average the prompt's gradients over the K steps")
     g.add_argument("--rho", type=float, default=q.rho, help="ptp-adv prompt: relative radius of the prompt ball")
     g.add_argument("--swaps", type=int, default=q.swaps, help="ptp-adv text: HotFlip substitutions per input")
@@ -280,8 +317,6 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args, **overrides) -> TrainConfig:
-    from ptp_core import cli
-
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     values["perturb"] = PerturbConfig(**{k: v for k, v in vars(args).items() if k in PerturbConfig.__dataclass_fields__})
     values.update(cache_dir=str(cli.cache_dir() or "") or None, **overrides)
@@ -289,8 +324,6 @@ def config_from_args(args, **overrides) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from ptp_core import cli
-
     p = cli.parser("python -m ptp_core.train", "Train a soft prompt on a frozen backbone.")
     add_arguments(p)
     p.add_argument("--method", default="pt", help=f"one of {', '.join(METHODS)}")
@@ -307,6 +340,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from ptp_core.cli import run
-
-    run(main)
+    cli.run(main)

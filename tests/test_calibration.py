@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landscape.calibration import expected_calibration_error, reliability_bins
+from landscape.measures.calibration import expected_calibration_error, reliability_bins
 
 
 def reference_ece(probabilities: np.ndarray, labels: np.ndarray, bins: int) -> float:

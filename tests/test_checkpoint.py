@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
+from ptp_core.encoding import render
 
 
 def _save(model, path, **meta):
@@ -49,7 +50,7 @@ def test_peft_loads_our_checkpoint(arch, head, tiny_dirs, tmp_path, tiny_batch_t
     texts = tiny_batch_texts[0]
     ours = model.predict(texts)
     for i, text in enumerate(texts):  # one at a time: PEFT pads differently
-        rendered, _ = model.render(text)
+        rendered, _ = render(model.tokenizer, text, model.template, model.head, model.kind)
         inputs = model.tokenizer(rendered, return_tensors="pt")
         with torch.no_grad():
             logits = peft_model(**inputs).logits
@@ -74,7 +75,8 @@ def test_we_load_a_peft_saved_checkpoint(arch, head, tiny_dirs, tmp_path):
     assert ckpt.params["prompt"].shape == (3, 32)
     model = ckpt.build_model(label_words=["negative", "positive"], template="{text} It was {mask}.")
     text = "good movie"
-    inputs = model.tokenizer(model.render(text)[0], return_tensors="pt")
+    inputs = model.tokenizer(render(model.tokenizer, text, model.template, model.head, model.kind)[0],
+                             return_tensors="pt")
     with torch.no_grad():
         expected = peft_model(**inputs).logits
     expected = expected[0] if head == "classifier" else expected[0, -1, model.label_ids]
@@ -100,3 +102,19 @@ def test_bad_checkpoints(tiny_bert_model, tmp_path):
     (out / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_checkpoint(out)
+
+
+def test_params_hash_and_the_named_task(tiny_bert_model, toy_csv, tmp_path):
+    from ptp_core.checkpoint import params_hash
+
+    out = _save(tiny_bert_model, tmp_path / "ckpt", task=toy_csv, label_names=["negative", "positive"])
+    ckpt = load_checkpoint(out)
+    assert ckpt.content_hash() == params_hash(ckpt.params) == params_hash(dict(tiny_bert_model.params))
+    shifted = {**ckpt.params, "prompt": ckpt.params["prompt"] + 1}
+    assert params_hash(shifted) != ckpt.content_hash()
+    task = ckpt.task()
+    assert task.label_names == ["negative", "positive"] and task.label_words == ["negative", "positive"]
+    unnamed = load_checkpoint(_save(tiny_bert_model, tmp_path / "unnamed"))
+    with pytest.raises(ValueError, match="does not name its task"):
+        unnamed.task()
+    assert unnamed.task(toy_csv).sizes() == task.sizes()

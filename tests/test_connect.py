@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from landscape import render
-from landscape.connect import (ConnectConfig, bezier, connect_params, line, main, midpoint, model_scorer,
-                               path_barrier, path_losses, train_control_point)
+from landscape.cli.connect import main
+from landscape.connect.curve import bezier, line, midpoint, path_barrier, path_losses, train_control_point
+from landscape.connect.run import ConnectConfig, connect_params, model_scorer
+from landscape.draw import analysis
 from ptp_core.checkpoint import load_checkpoint
 from ptp_core.cli import run
 from ptp_core.train import TrainConfig, train
@@ -103,7 +104,7 @@ def test_cli_writes_result_curve_and_figure(two_checkpoints, tmp_path, capsys):
         if name != "prompt":
             torch.testing.assert_close(control[name], (a.params[name] + b.params[name]) / 2)
     assert not torch.equal(control["prompt"], (a.params["prompt"] + b.params["prompt"]) / 2)
-    texts = [t.get_text() for t in render.connectivity(data).legends[0].get_texts()]
+    texts = [t.get_text() for t in analysis.connectivity(data).legends[0].get_texts()]
     assert f"Bezier curve, barrier {data['curve_barrier']:.3g}" in texts and "pt seed 1" in texts
     run(main, argv + ["--overwrite"])  # replaces the files in place
     with pytest.raises(SystemExit):
@@ -140,7 +141,7 @@ def test_params_all_bends_the_head_too(loaded):
     model, a, b, _ = loaded
     rows = toy_rows(16, seed=12)
     split = Split([r["text"] for r in rows], [int(r["label"] == "positive") for r in rows])
-    config = ConnectConfig(steps=2, points=3, examples=8, batch_size=8, params="all", dtype="float32", lr=0.1)
+    config = ConnectConfig(steps=2, points=3, examples=8, batch_size=8, param_scope="all", dtype="float32", lr=0.1)
     result = connect_params(model, a, b, split, split, config, progress=False)
     middle = midpoint(a, b)
     assert all(not torch.equal(result.control[k], middle[k]) for k in a)  # every tensor got its own control

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from landscape.directions import input_directions, normalize_direction, prompt_directions
-from landscape.grid import encode_examples
+from landscape.grid.directions import input_directions, normalize_direction, prompt_directions
+from ptp_core.encoding import batch_split
 from ptp_core.data import Split
 from conftest import toy_rows
 
@@ -28,7 +28,7 @@ def _cos(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("params", ["prompt", "all"])
 def test_gradient_directions_orthogonal_normalized_and_parallel(tiny_bert_model, norm, params):
     model = tiny_bert_model
-    batches, order = encode_examples(model, _examples(), batch_size=5)
+    batches, order = batch_split(model, _examples(), batch_size=5, by_length=True)
     names = list(model.params) if params == "all" else ["prompt"]
     directions = prompt_directions(model, model.params, batches, "gradient", norm, seed=3, names=names)
     d1, d2 = directions.d1, directions.d2
@@ -60,7 +60,7 @@ def test_gradient_directions_orthogonal_normalized_and_parallel(tiny_bert_model,
 @pytest.mark.parametrize("kind", ["random", "gradient"])
 def test_same_seed_same_directions_bitwise(tiny_gpt2_model, kind):
     model = tiny_gpt2_model
-    batches, _ = encode_examples(model, _examples(), batch_size=4)
+    batches, _ = batch_split(model, _examples(), batch_size=4, by_length=True)
     first = prompt_directions(model, model.params, batches, kind, seed=7)
     second = prompt_directions(model, model.params, batches, kind, seed=7)
     other = prompt_directions(model, model.params, batches, kind, seed=8)
@@ -83,7 +83,7 @@ def test_normalize_filter_keeps_zero_rows_zero_and_matches_row_norms():
 
 def test_interp_and_pca_directions(tiny_bert_model):
     model = tiny_bert_model
-    batches, _ = encode_examples(model, _examples(6), batch_size=6)
+    batches, _ = batch_split(model, _examples(6), batch_size=6, by_length=True)
     b = {k: v + 1.0 for k, v in model.params.items()}
     c = {k: v - 0.5 for k, v in model.params.items()}
     line = prompt_directions(model, model.params, batches, "interp", others=[b])
@@ -102,7 +102,7 @@ def test_interp_and_pca_directions(tiny_bert_model):
 
 def test_input_directions_per_example(tiny_bert_model):
     model = tiny_bert_model
-    batches, order = encode_examples(model, _examples(7), batch_size=3)
+    batches, order = batch_split(model, _examples(7), batch_size=3, by_length=True)
     pairs = input_directions(model, model.params, batches, "filter", seed=1, order=order)
     again = input_directions(model, model.params, batches, "filter", seed=1, order=order)
     for (d1, d2), (e1, e2), batch in zip(pairs, again, batches):
@@ -123,8 +123,8 @@ def test_input_directions_per_example(tiny_bert_model):
 def test_input_directions_do_not_depend_on_batching(tiny_bert_model):
     model = tiny_bert_model
     examples = _examples(7)
-    small, small_order = encode_examples(model, examples, batch_size=2)
-    large, large_order = encode_examples(model, examples, batch_size=7)
+    small, small_order = batch_split(model, examples, batch_size=2, by_length=True)
+    large, large_order = batch_split(model, examples, batch_size=7, by_length=True)
     per_example = {}
     for batches, order in ((small, small_order), (large, large_order)):
         for (d1, d2), batch, rows in zip(input_directions(model, model.params, batches, "layer", 4, order), batches, order):

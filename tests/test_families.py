@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import FAMILIES, family_head, toy_rows
+from ptp_core.encoding import render
 
 TEXTS = [r["text"] for r in toy_rows(5, seed=11)] + ["good"]  # lengths differ: the batch is right-padded
 LABEL_WORDS = ["negative", "positive"]
@@ -33,7 +34,8 @@ def peft_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
     """(N, C) class logits from PEFT's forward, one unpadded example at a time."""
     rows = []
     for text in texts:
-        inputs = model.tokenizer(model.render(text)[0], return_tensors="pt")
+        inputs = model.tokenizer(render(model.tokenizer, text, model.template, model.head, model.kind)[0],
+                                 return_tensors="pt")
         with torch.no_grad():
             if model.kind == "seq2seq":
                 start = torch.tensor([[peft_model.config.decoder_start_token_id]])
@@ -148,8 +150,9 @@ def test_bart_classifier_is_refused_in_one_line(family_dirs):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_trains_evaluates_draws_a_surface_and_measures_curvature(family, family_dirs, toy_csv, tmp_path):
-    from landscape.grid import SurfaceSpec, surface_for_params
-    from landscape.measure import MetricsConfig, measure
+    from landscape.grid.driver import surface_for_params
+    from landscape.grid.spec import SurfaceSpec
+    from landscape.measures.row import MetricsConfig, measure
     from ptp_core.checkpoint import load_checkpoint
     from ptp_core.data import load_task
     from ptp_core.evaluate import main as evaluate_main

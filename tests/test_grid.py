@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import landscape.grid as grid
+import landscape.grid.driver as grid
 from conftest import toy_rows
-from landscape.directions import input_directions, prompt_directions
-from landscape.grid import SurfaceSpec, compute_surface, encode_examples, grid_axis, surface_for_params
+from landscape.grid.directions import input_directions, prompt_directions
+from landscape.grid.driver import compute_surface, surface_for_params
+from landscape.grid.spec import SurfaceSpec, grid_axis
+from ptp_core.encoding import batch_split
 from landscape.surface import load_surface
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
 from ptp_core.data import Split
@@ -59,10 +61,10 @@ def test_every_point_equals_a_direct_evaluation(request, fixture, params):
     """5x7 grid: each value == evaluate() of the prompt at (alphas[i], betas[j]); centre == plain loss."""
     model = request.getfixturevalue(fixture)
     examples = _examples()
-    spec = _spec(params=params, chunk=6)
+    spec = _spec(param_scope=params, chunk=6)
     surface = surface_for_params(model, model.params, examples, spec, progress=False)
     assert surface.is_complete and surface.loss.shape == (5, 7)
-    batches, _ = encode_examples(model, examples, spec.batch_size)
+    batches, _ = batch_split(model, examples, spec.batch_size, by_length=True)
     names = list(model.params) if params == "all" else ["prompt"]
     directions = prompt_directions(model, model.params, batches, "gradient", "filter", 0, names)
     np.testing.assert_array_equal(surface.direction_1, directions.d1["prompt"].numpy())
@@ -93,7 +95,7 @@ def test_input_space_points_equal_direct_perturbation(tiny_gpt2_model):
     spec = _spec(space="input", grid="3x3", batch_size=6, seed=2)
     surface = surface_for_params(model, model.params, examples, spec, progress=False)
     assert surface.direction_1 is None and surface.spec["space"] == "input"
-    batches, order = encode_examples(model, examples, 6)
+    batches, order = batch_split(model, examples, 6, by_length=True)
     (d1, d2), = input_directions(model, model.params, batches, "filter", 2, order)
     with torch.no_grad():
         clean = model.loss(model.params, model.encode(examples.texts, examples.labels)).mean()
@@ -108,7 +110,7 @@ def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, requ
     model = request.getfixturevalue(fixture)
     spec = _spec(chunk=4)
     reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "full", progress=False)
-    real, calls = grid._evaluate_chunk, []
+    real, calls = grid.evaluate_chunk, []
 
     def interrupted(evaluate, alphas, betas, cap=None):
         if len(calls) == 3:
@@ -116,7 +118,7 @@ def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, requ
         calls.append(len(alphas))
         return real(evaluate, alphas, betas, cap)
 
-    monkeypatch.setattr(grid, "_evaluate_chunk", interrupted)
+    monkeypatch.setattr(grid, "evaluate_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         surface_for_params(model, model.params, _examples(), spec, tmp_path / "part", progress=False, save_every=0)
     partial = load_surface(tmp_path / "part")
@@ -127,7 +129,7 @@ def test_interrupted_run_resumes_bitwise_and_skips_finished_points(fixture, requ
         return real(evaluate, alphas, betas, cap)
 
     calls.clear()
-    monkeypatch.setattr(grid, "_evaluate_chunk", counting)
+    monkeypatch.setattr(grid, "evaluate_chunk", counting)
     resumed = surface_for_params(model, model.params, _examples(), spec, tmp_path / "part", progress=False)
     assert sum(calls) == 35 - 12  # no finished point is recomputed
     for key in ("loss", "accuracy", "direction_1", "direction_2", "alphas", "betas"):
@@ -242,14 +244,14 @@ def test_out_of_memory_halves_once_and_keeps_the_cap(monkeypatch):
 
     cap = grid.MemoryCap(8)
     alphas, betas = torch.arange(8.0), torch.arange(8.0) / 10
-    loss, accuracy = grid._evaluate_chunk(evaluate, alphas, betas, cap)
+    loss, accuracy = grid.evaluate_chunk(evaluate, alphas, betas, cap)
     np.testing.assert_allclose(loss, (alphas + betas).numpy()) and np.testing.assert_allclose(accuracy, 0.9 * alphas)
     assert cap.points == 2 and sizes == [8, 4, 2, 2, 2, 2]
     sizes.clear()
-    grid._evaluate_chunk(evaluate, alphas[:5], betas[:5], cap)  # the next chunk starts at the kept cap
+    grid.evaluate_chunk(evaluate, alphas[:5], betas[:5], cap)  # the next chunk starts at the kept cap
     assert sizes == [2, 2, 1]
     with pytest.raises(ValueError, match="one grid point does not fit"):
-        grid._evaluate_chunk(lambda a, b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), alphas[:2],
+        grid.evaluate_chunk(lambda a, b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), alphas[:2],
                              betas[:2], grid.MemoryCap(2))
 
 
@@ -265,7 +267,7 @@ def test_hessian_work_refuses_attention_without_second_derivative(tiny_dirs):
 
 
 def test_resume_with_params_all_reuses_the_saved_head_directions(tiny_bert_model, tmp_path, monkeypatch):
-    model, spec = tiny_bert_model, _spec(params="all", chunk=5, directions="random")
+    model, spec = tiny_bert_model, _spec(param_scope="all", chunk=5, directions="random")
     reference = surface_for_params(model, model.params, _examples(), spec, tmp_path / "s", progress=False)
     assert set(reference.head_directions) == {f"direction_{d}.{k}" for d in (1, 2) for k in model.params if k != "prompt"}
     saved = load_surface(tmp_path / "s")
@@ -283,10 +285,10 @@ def test_resume_with_params_all_reuses_the_saved_head_directions(tiny_bert_model
 def test_other_ranks_take_rank_zeros_directions(tiny_bert_model, monkeypatch):
     """Rank 1 computes no directions; it evaluates on exactly what rank 0 sent."""
     model = tiny_bert_model
-    batches, _ = encode_examples(model, _examples(), 4)
+    batches, _ = batch_split(model, _examples(), 4, by_length=True)
     sent = prompt_directions(model, model.params, batches, "random", "filter", seed=7)
     shard = grid.Shard(rank=1, world=2, gather=lambda item: [grid.replace(sent, center={}), item])
     monkeypatch.setattr(grid, "prompt_directions", lambda *a, **k: pytest.fail("rank 1 computed directions"))
-    got = grid._shared_directions(model, model.params, batches, _spec(), ["prompt"], (), None, shard)
+    got = grid._shared_plane(model, model.params, batches, _spec(), ["prompt"], (), None, shard)
     torch.testing.assert_close(got.d1["prompt"], sent.d1["prompt"], rtol=0, atol=0)
     torch.testing.assert_close(got.center["prompt"], model.params["prompt"].float(), rtol=0, atol=0)

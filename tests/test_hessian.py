@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from landscape.hessian import flatten_params, hessian_trace_hutchinson, hutchpp, hvp, top_eigenvalues, unflatten_params
-from landscape.sharpness import (
+from landscape.measures.sharpness import (
     average_sharpness,
     input_average_sharpness,
     input_space_closure,
@@ -213,8 +213,10 @@ def test_estimator_results_make_a_design_metrics_row(tmp_path):
     """metrics_row + write_tables: DESIGN.md's keys, JSON-clean, costs and settings not analysed."""
     import json
 
-    from landscape.metrics import metrics_row, surface_metrics
-    from landscape.stats import metric_names, statistics, write_tables
+    from landscape.measures.row import metrics_row
+    from landscape.measures.surface_metrics import surface_metrics
+    from landscape.draw.tables import write_tables
+    from landscape.stats import metric_names, statistics
 
     loss_fn, params = tiny_problem()
     axis = np.linspace(-1, 1, 5)

@@ -36,7 +36,7 @@ def test_files_and_folders_get_the_umask_mode(tmp_path, umask_027):
 
 def test_every_written_result_honours_the_umask(tiny_bert_model, tmp_path, umask_027):
     """Checkpoints, surfaces and metric tables: group may read them."""
-    from landscape.stats import write_tables
+    from landscape.draw.tables import write_tables
     from landscape.surface import Surface, save_surface
     from ptp_core.checkpoint import save_checkpoint
 
@@ -83,3 +83,23 @@ def test_ptp_core_never_imports_landscape():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_check_output_folder(tmp_path):
+    from ptp_core.io import check_output_folder
+
+    check_output_folder(tmp_path / "new", overwrite=False)  # a missing folder is fine
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", overwrite=False)
+    write_text(tmp_path / "file", "x")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is a file; give a directory"):
+            check_output_folder(tmp_path / "file", overwrite)
+    write_text(tmp_path / "run" / "other.txt", "x")
+    with pytest.raises(ValueError, match="already holds a run; pass --overwrite"):
+        check_output_folder(tmp_path / "run", overwrite=False)
+    check_output_folder(tmp_path / "run", overwrite=True)
+    check_output_folder(tmp_path / "run", overwrite=False, marker="connect.json")  # other content is no result
+    write_text(tmp_path / "run" / "connect.json", "{}")
+    with pytest.raises(ValueError, match="already holds connect.json"):
+        check_output_folder(tmp_path / "run", overwrite=False, marker="connect.json")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from landscape.metrics import surface_metrics
+from landscape.measures.surface_metrics import surface_metrics
 
 AXIS = np.linspace(-1.0, 1.0, 21)  # contains 0 and 0.5 exactly
 

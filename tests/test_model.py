@@ -131,3 +131,22 @@ def test_params_are_read_only_and_with_params_copies_nothing(tiny_bert_model):
     assert other.backbone is model.backbone and not torch.equal(other.params["prompt"], model.params["prompt"])
     texts = ["good movie", "dull plot"]
     torch.testing.assert_close(other.predict(texts), model.predict(texts, params=dict(other.params)))
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_batch_split_covers_every_example_once_with_its_stored_index(tiny_bert_model, by_length):
+    from ptp_core.data import Split
+    from ptp_core.encoding import batch_split
+
+    model = tiny_bert_model
+    split = Split(["a fine film", "dull", "a long and winding but good movie", "bad", "good"], [1, 0, 1, 0, 1])
+    batches, order = batch_split(model, split, 2, by_length=by_length)
+    assert sorted(i for rows in order for i in rows) == list(range(len(split)))
+    for batch, rows in zip(batches, order):
+        expected = model.encode([split.texts[i] for i in rows], [split.labels[i] for i in rows])
+        assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.labels, expected.labels)
+    lengths = [int(n) for batch in batches for n in batch.attention_mask.sum(1)]
+    if by_length:  # sorted by token count, ties in stored order
+        assert lengths == sorted(lengths) and order[1] == [4, 0]
+    else:
+        assert order == [[0, 1], [2, 3], [4]]

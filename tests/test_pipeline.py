@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from landscape.grid import SurfaceSpec
-from landscape.measure import MetricsConfig
-from landscape.pipeline import compare, find_checkpoints, project_trajectory
-from landscape.plot import PlotConfig, figures
+from landscape.grid.spec import SurfaceSpec
+from landscape.measures.row import MetricsConfig
+from landscape.compare import compare, find_checkpoints, project_trajectory
+from landscape.draw.comparison import PlotConfig, figures
 from landscape.surface import Surface
 from ptp_core.train import TrainConfig, train
 
@@ -59,8 +59,8 @@ def test_rows_and_surfaces_are_keyed_by_checkpoint_and_space(comparison):
 
 
 def test_grid_n_means_n_by_n_in_every_command():
-    from landscape.grid import add_surface_arguments, spec_from_args
-    from landscape.plot import _parser
+    from landscape.cli.arguments import add_surface_arguments, spec_from_args
+    from landscape.cli.plot import parser as _parser
     from ptp_core import cli
 
     grid_parser = cli.parser("grid", "")
@@ -71,7 +71,7 @@ def test_grid_n_means_n_by_n_in_every_command():
 
 
 def test_metrics_without_surface_still_draw(four_runs, tmp_path):
-    from landscape import plot
+    from landscape.cli import plot
 
     out = tmp_path / "hessian-only"
     plot.main([str(four_runs / "pt"), "--out", str(out), "--grid", "3", "--examples", "4", "--metrics", "hessian",
@@ -82,7 +82,7 @@ def test_metrics_without_surface_still_draw(four_runs, tmp_path):
 
 
 def test_a_refused_run_leaves_no_folder(four_runs, tmp_path):
-    from landscape import plot
+    from landscape.cli import plot
 
     orphan = tmp_path / "orphan"
     shutil.copytree(four_runs / "pt" / "seed0", orphan)
@@ -109,10 +109,11 @@ def test_project_trajectory_recovers_plane_coordinates():
 
 
 def test_left_out_grid_and_examples_take_the_device_default():
-    from landscape.grid import DEVICE_DEFAULTS, spec_from_args
-    from landscape.pipeline import plan
-    from landscape.measure import MetricsConfig
-    from landscape.plot import _parser
+    from landscape.cli.arguments import spec_from_args
+    from landscape.grid.spec import DEVICE_DEFAULTS
+    from landscape.compare import plan
+    from landscape.measures.row import MetricsConfig
+    from landscape.cli.plot import parser as _parser
 
     args = _parser().parse_args(["ckpt"])
     assert args.grid is None and args.examples is None
@@ -124,7 +125,7 @@ def test_left_out_grid_and_examples_take_the_device_default():
 
 
 def test_clock_estimates_from_the_first_chunk_then_the_first_checkpoint():
-    from landscape.pipeline import Clock
+    from landscape.compare import Clock
 
     said = []
     clock = Clock(said.append, points=2 * 441, checkpoints=2, started=0.0)
@@ -138,12 +139,12 @@ def test_clock_estimates_from_the_first_chunk_then_the_first_checkpoint():
 
 
 def test_spectrum_topology_calibration_and_connectivity_reach_rows_tables_figures_and_report(four_runs, tmp_path):
-    """Issue 13 end to end on tiny BERT: every new key in the rows, the barrier statistics per method, the figures,
+    """Spectrum, topology, calibration and connectivity end to end on tiny BERT: every new key in the rows, the barrier statistics per method, the figures,
     the tables and the report; a second compare() reads the pairs' connect.json instead of retraining."""
-    from landscape.connect import ConnectConfig
-    from landscape.plot import draw
+    from landscape.connect.run import ConnectConfig
+    from landscape.draw.comparison import draw
     from landscape.stats import metric_names
-    from landscape.topology import loss_topology
+    from landscape.measures.topology import loss_topology
 
     spec = SurfaceSpec(grid="5", span=0.5, examples=8, directions="random", dtype="float32")
     metrics = MetricsConfig(("surface", "calibration", "spectrum"), examples=8, spectrum_probes=2, spectrum_steps=6,

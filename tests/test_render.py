@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
-from landscape import render
+from landscape.draw import analysis, figures as render
 from landscape.surface import Surface
 
 
@@ -45,7 +45,7 @@ def test_import_has_no_side_effects() -> None:
     """Importing the plotting modules must neither pick a backend nor load pyplot (STYLE rule 6)."""
     # rcParams.copy(): reading rcParams["backend"] itself would resolve the backend via pyplot.
     code = ("import sys, matplotlib; before = matplotlib.rcParams.copy(); "
-            "import landscape.render, landscape.report, landscape.surface; "
+            "import landscape.draw.figures, landscape.draw.report, landscape.surface; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
             "assert matplotlib.rcParams.copy() == before, 'rcParams changed'; "
             "assert 'torch' not in sys.modules, 'torch imported'")

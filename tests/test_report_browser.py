@@ -15,7 +15,7 @@ import numpy as np
 import plotly.offline
 import pytest
 
-from landscape.report import contour_figure, report_html, surface_figure, table_html
+from landscape.draw.report import contour_figure, report_html, surface_figure, table_html
 from landscape.surface import Surface
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from landscape.hessian import _rademacher, as_generator, flatten_params, hessian_trace_hutchinson, unflatten_params
-from landscape.spectrum import hessian_min_eigenvalue, hessian_spectrum, spectral_density
+from landscape.measures.spectral_density import spectral_density
+from landscape.measures.spectrum import hessian_min_eigenvalue, hessian_spectrum
 
 
 def nonconvex_problem(seed: int = 0):

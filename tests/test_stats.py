@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from landscape.draw.tables import write_metrics_json, write_tables
 from landscape.stats import (
     bootstrap_ci,
     compare_methods,
@@ -16,8 +17,6 @@ from landscape.stats import (
     flatten_row,
     statistics,
     summarize,
-    write_metrics_json,
-    write_tables,
 )
 
 PT = [0.91, 1.30, 0.75, 1.12, 1.05]

@@ -9,7 +9,7 @@ import gudhi
 import numpy as np
 import pytest
 
-from landscape.topology import Topology, count_basins, loss_topology, sublevel_persistence
+from landscape.measures.topology import Topology, count_basins, loss_topology, sublevel_persistence
 from ptp_core.io import dumps
 
 

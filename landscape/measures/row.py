@@ -1,16 +1,21 @@
-"""Sharpness and curvature of one checkpoint: surface metrics plus the model-based estimators.
+"""One metrics.json row per checkpoint: surface metrics, topology, calibration and the model-based estimators.
 
-Every number goes into one metrics.json row (landscape.metrics.metrics_row). The model-based
-estimators cost forwards and HVPs, so `MetricsConfig.which` picks them.
+The model-based estimators cost forwards and HVPs, so `MetricsConfig.which` picks them.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import Tensor
 
-from landscape import hessian, sharpness
-from landscape.metrics import metrics_row, surface_metrics
+from landscape import hessian
+from landscape.grid.spec import PARAM_SCOPES
+from landscape.measures import sharpness
+from landscape.measures.calibration import expected_calibration_error
+from landscape.measures.spectrum import hessian_min_eigenvalue, hessian_spectrum
+from landscape.measures.surface_metrics import SurfaceMetrics, surface_metrics
+from landscape.measures.topology import loss_topology
 from landscape.surface import Surface
 from ptp_core.data import Split
 from ptp_core.model import PromptModel
@@ -40,7 +45,7 @@ class MetricsConfig:
     spectrum_steps: int = 30
     basin_tau: float = 0.05  # a surface minimum counts as a basin when its persistence (barrier height) >= this loss
     calibration_examples: int = 512  # center_ece on the first N examples of the split: 15 bins need hundreds
-    params: str = "prompt"  # prompt: the soft prompt only; all: the head too
+    param_scope: str = "prompt"  # one of PARAM_SCOPES: prompt: the soft prompt only; all: the head too
     seed: int = 0
 
     def __post_init__(self):
@@ -53,14 +58,19 @@ class MetricsConfig:
                      "basin_tau", "calibration_examples"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"metric setting {name} must be > 0, got {getattr(self, name)}")
+        if self.param_scope not in PARAM_SCOPES:
+            raise ValueError(f"unknown params {self.param_scope!r}; use one of {', '.join(PARAM_SCOPES)}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 for a confidence interval, got {self.samples}")
 
 
-def measure(model: PromptModel, params: dict[str, Tensor], examples: Split, surface: Surface | None,
+def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface: Surface | None,
             config: MetricsConfig, checkpoint: str = "", method: str = "", seed: int | None = None,
             test_accuracy: float | None = None, input_surface: Surface | None = None) -> dict:
-    """One metrics row for a checkpoint: the surface's numbers and the estimators in config.which."""
+    """One metrics row for a checkpoint: the surface's numbers and the estimators in config.which, on the first
+    config.examples (calibration: config.calibration_examples) examples of `split`."""
     # float32 always: sharpness is a difference L(theta + delta) - L(theta) of order 1e-3, below bf16's resolution
     results, settings = {}, {**asdict(config), "dtype": "float32"}
     if "surface" in config.which and surface is not None:
@@ -76,36 +86,30 @@ def measure(model: PromptModel, params: dict[str, Tensor], examples: Split, surf
         extra.update(surface_topology(surface, config.basin_tau, ""))
         extra.update(surface_topology(input_surface, config.basin_tau, "input_"))
     if "calibration" in config.which:
-        extra["center_ece"] = center_ece(model, params, examples.head(config.calibration_examples))
+        extra["center_ece"] = center_ece(model, params, split.head(config.calibration_examples))
     if set(config.which) - {"surface", "calibration"}:
-        results.update(_model_metrics(model, params, examples, config))
+        results.update(_model_metrics(model, params, split, config))
     return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, **results, **extra)
 
 
 def surface_topology(surface: Surface | None, tau: float, prefix: str) -> dict:
     """persistence (birth, death pairs; the global minimum's death inf) and basins of a complete 2D surface."""
-    from landscape.topology import loss_topology
-
     if surface is None or min(surface.shape) < 2 or not surface.is_complete:
         return {}
     topology = loss_topology(surface.loss, tau)
     return {f"{prefix}persistence": topology.persistence, f"{prefix}basins": topology.basins}
 
 
-def center_ece(model: PromptModel, params: dict[str, Tensor], examples: Split, bins: int = 15) -> float:
-    """Expected calibration error (Guo et al. 2017; 15 equal-width bins) of the trained prompt on `examples`."""
-    import torch
-
-    from landscape.calibration import expected_calibration_error
-
-    probabilities = torch.softmax(model.predict(examples.texts, params), dim=-1).double().numpy()  # (N, C)
-    return expected_calibration_error(probabilities, examples.labels, bins)
+def center_ece(model: PromptModel, params: dict[str, Tensor], subset: Split, bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017; 15 equal-width bins) of the trained prompt on `subset`."""
+    probabilities = torch.softmax(model.predict(subset.texts, params), dim=-1).double().numpy()  # (N, C)
+    return expected_calibration_error(probabilities, subset.labels, bins)
 
 
-def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Split, config: MetricsConfig) -> dict:
-    subset = examples.head(config.examples)
+def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, config: MetricsConfig) -> dict:
+    subset = split.head(config.examples)
     batch = model.encode(subset.texts, subset.labels)
-    names = list(params) if config.params == "all" else ["prompt"]
+    names = list(params) if config.param_scope == "all" else ["prompt"]
     held = {k: v.detach() for k, v in params.items() if k not in names}
     trainable = {k: params[k].detach() for k in names}
 
@@ -133,9 +137,55 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], examples: Spli
         out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.input_eps_of_norm,
                                                                config.samples, config.seed)
     if "spectrum" in config.which:
-        from landscape.spectrum import hessian_min_eigenvalue, hessian_spectrum
-
         out["spectrum"] = hessian_spectrum(loss_fn, trainable, config.spectrum_probes, config.spectrum_steps,
                                            config.seed)
         out["min_eigen"] = hessian_min_eigenvalue(loss_fn, trainable, config.eigen_tol, config.seed, config.max_hvps)
     return out
+
+
+def metrics_row(
+    checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
+    surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
+    input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, settings: dict | None = None,
+    **extra,
+) -> dict:
+    """One metrics.json row under DESIGN.md's key names.
+
+    eigen, trace, worst_case, ... are the result dataclasses of landscape.hessian (EigenResult,
+    TraceResult, WorstCaseResult, AverageResult). Estimator costs go to row["cost"] and the
+    caller's settings (rho, sigma, eps, ...) plus the surface's radius/tau to row["settings"],
+    so that the statistics (landscape.stats) treat neither as metrics.
+    """
+    row: dict = {"checkpoint": checkpoint, "method": method, "seed": seed, "test_accuracy": test_accuracy}
+    cost: dict = {}
+    settings = dict(settings or {})
+    if surface is not None:
+        values = surface.to_dict()
+        settings.update(surface_radius=values.pop("radius"), surface_tau=values.pop("tau"))
+        cost["surface_points"] = values.pop("points_used")
+        row.update(values)
+    if eigen is not None:
+        row.update(hessian_eigenvalues=eigen.eigenvalues, hessian_eigenvalue_residuals=eigen.residuals,
+                   hessian_eigen_converged=eigen.converged)
+        cost["hessian_eigen_hvps"] = eigen.hvps
+    if trace is not None:
+        row.update(hessian_trace=trace.trace, hessian_trace_stderr=trace.stderr)
+        cost["hessian_trace_hvps"] = trace.hvps
+    if spectrum is not None:  # landscape.spectrum.SpectrumResult: the density's quadrature, not a column
+        row.update(hessian_spectrum_nodes=spectrum.nodes, hessian_spectrum_weights=spectrum.weights)
+        cost["hessian_spectrum_hvps"] = spectrum.hvps
+    if min_eigen is not None:  # landscape.spectrum.MinEigenResult: < 0 (beyond its residual) is a saddle
+        row.update(hessian_min_eigenvalue=min_eigen.eigenvalue,
+                   hessian_min_eigenvalue_residual=min_eigen.residual_norm)
+        cost["hessian_min_eigen_hvps"] = min_eigen.hvps
+    for prefix, result in (("", worst_case), ("input_", input_worst_case)):
+        if result is not None:
+            row[f"{prefix}worst_case_sharpness"] = result.sharpness
+            cost[f"{prefix}worst_case_forwards"] = result.forwards
+    for prefix, result in (("", average), ("input_", input_average)):
+        if result is not None:
+            row.update({f"{prefix}average_sharpness": result.sharpness,
+                        f"{prefix}average_sharpness_ci": [result.ci_low, result.ci_high]})
+            cost[f"{prefix}average_sharpness_forwards"] = result.forwards
+    row.update(extra, cost=cost, settings=settings)
+    return row

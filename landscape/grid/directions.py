@@ -29,9 +29,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ptp_core.model import Batch, PromptModel
+from landscape.hessian import Params, top_eigenvalues
+from ptp_core.encoding import Batch
+from ptp_core.model import PromptModel
 
-Params = dict[str, Tensor]
 DIRECTION_KINDS = ("gradient", "random", "interp", "pca", "hessian")
 NORMALIZATIONS = ("filter", "layer", "none")
 EPS = 1e-12  # rows whose norm is below this stay zero instead of dividing by ~0
@@ -214,10 +215,6 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
 
 def _hessian_pair(model: PromptModel, center: Params, batches: Sequence[Batch], names: list[str], norm: str,
                   seed: int) -> tuple[Params, Params, dict]:
-    try:
-        from landscape.hessian import top_eigenvalues
-    except ImportError:
-        raise ValueError("hessian directions need landscape/hessian.py; use --directions gradient") from None
     if len(batches) != 1:
         raise ValueError(f"hessian directions use one batch of examples, got {len(batches)}; "
                          "lower --examples to at most --batch-size")

@@ -11,7 +11,7 @@ import html
 import json
 import math
 from dataclasses import asdict
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,8 +19,13 @@ import plotly.io
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from landscape.render import axis_caption, axis_labels
+from landscape.draw.figures import axis_caption, axis_labels
+from landscape.measures.spectral_density import density_curves
+from landscape.stats import DISTRIBUTIONS
 from landscape.surface import Surface
+
+if TYPE_CHECKING:  # for annotations only: importing compare would load torch into a drawing module
+    from landscape.compare import Comparison
 
 Table = str | Sequence[Mapping[str, object]]
 
@@ -196,11 +201,9 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
 """
 
 
-def comparison_html(comparison, surfaces: Mapping[str, Surface], trajectories: Mapping[str, Sequence] | None = None,
+def comparison_html(comparison: Comparison, surfaces: Mapping[str, Surface], trajectories: Mapping[str, Sequence] | None = None,
                     *, zmin: float | None = None, zmax: float | None = None) -> str:
-    """The report of a landscape.pipeline.Comparison: the given surfaces, its rows and its statistics."""
-    from landscape.stats import DISTRIBUTIONS
-
+    """The report of a Comparison: the given surfaces, its rows and its statistics."""
     hidden = ("cost", "settings", "flat_radius", *DISTRIBUTIONS)
     tables = {"Per checkpoint": [{k: v for k, v in r.items() if k not in hidden} for r in comparison.rows]}
     if comparison.rows:
@@ -215,10 +218,8 @@ def comparison_html(comparison, surfaces: Mapping[str, Surface], trajectories: M
                        figures=_analysis_figures(comparison))
 
 
-def _analysis_figures(comparison) -> dict[str, go.Figure]:
+def _analysis_figures(comparison: Comparison) -> dict[str, go.Figure]:
     """Interactive spectrum density, persistence diagrams and connectivity paths of a comparison (when measured)."""
-    from landscape.spectrum import density_curves
-
     out, first = {}, {}
     for row in comparison.rows:
         first.setdefault(row.get("method"), row)  # the representative checkpoint of each method

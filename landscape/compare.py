@@ -1,6 +1,7 @@
 """Checkpoints -> surfaces, metric rows and statistics: what `landscape.plot`, the demo and notebooks call.
 
     comparison = compare(find_checkpoints(["runs/"]), SurfaceSpec(grid="21"), MetricsConfig(), "figures/cmp")
+    draw(comparison, PlotConfig("figures/cmp"))   # landscape.draw.comparison
 
 Every input is checked (checkpoints, tasks, specs) before anything is written; then one surface per
 checkpoint and space is computed or resumed under OUT/surfaces/, one metrics row per checkpoint is
@@ -9,20 +10,26 @@ measured, and the statistics across checkpoints are computed once. Drawing is th
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from landscape.grid import SurfaceSpec
-from landscape.measure import MetricsConfig
+from landscape.connect.run import RESULT_FILE, ConnectConfig, check_pair, connect_pair, write_result
+from landscape.grid.driver import compute_surface
+from landscape.grid.spec import SPACES, SurfaceSpec, device_defaults
+from landscape.measures.row import MetricsConfig, measure, metrics_row, surface_topology
+from landscape.measures.surface_metrics import surface_metrics
 from landscape.stats import Statistics, statistics
 from landscape.surface import Surface, load_surface, save_surface
+from ptp_core.backbones import resolve_device, resolve_dtype
+from ptp_core.checkpoint import Checkpoint, load_checkpoint
+from ptp_core.data import Task
 from ptp_core.io import to_json
-
-SPACES = ("prompt", "input")
 
 
 @dataclass
@@ -91,10 +98,8 @@ def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray
 def plan(checkpoints: list, spec: SurfaceSpec, spaces: tuple[str, ...], metrics: MetricsConfig, device: str,
          defaulted: tuple[str, ...] = ()) -> str:
     """What compare() will compute, in which dtype, on which device; `defaulted` names the flags that took their
-    device default (grid.DEVICE_DEFAULTS), and the plan says why."""
-    from landscape.grid import device_defaults
-    from ptp_core.backbones import resolve_dtype
-
+    device default (landscape.grid.spec.DEVICE_DEFAULTS), and the plan says why."""
+    spec = spec.for_device(device)
     points = spec.shape[0] * spec.shape[1]
     line = (f"plan: {len(checkpoints)} checkpoint(s) x {len(spaces)} space(s) x {points} points "
             f"({spec.shape[0]}x{spec.shape[1]}) on {spec.examples} {spec.split} examples, "
@@ -137,15 +142,11 @@ def _minutes(seconds: float) -> str:
 def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
             spaces: tuple[str, ...] = ("prompt",), *, device: str = "auto", cache_dir: Path | None = None,
             overwrite: bool = False, progress: bool = True, report: Callable[[str], None] | None = None,
-            connect: "ConnectConfig | None" = None) -> Comparison:
+            connect: ConnectConfig | None = None) -> Comparison:
     """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics.
 
     report(line), if given, receives time estimates: after the first grid chunk and after the first checkpoint.
     connect: also connect every pair of seeds within a method (landscape.connect; cached under out/connect/)."""
-    from ptp_core.backbones import resolve_device
-
-    from ptp_core.checkpoint import load_checkpoint
-
     if not checkpoints:
         raise ValueError("no checkpoints to compare; give checkpoint directories or folders of them")
     if unknown := [s for s in spaces if s not in SPACES]:
@@ -157,6 +158,8 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     pairs = _seed_pairs(loaded) if connect is not None else []
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
     device = resolve_device(device)
+    spec = spec.for_device(device)
+    specs = {space: s.for_device(device) for space, s in specs.items()}
     clock = Clock(report, len(groups) * len(spaces) * spec.shape[0] * spec.shape[1], len(groups)) if report else None
     models = {}  # one backbone per model (checkpoints differ only in their params), all loaded before any writing
     for group in groups:
@@ -166,12 +169,12 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     surfaces, rows = {}, []
     for index, group in enumerate(groups):
         checkpoint, meta = group[0], group[0].meta
-        model, examples = models[_model_key(meta)], tasks[meta["task"]].splits[spec.split]
-        mine = {space: _surface(group, specs[space], Path(out), model, examples, overwrite, progress,
+        model, split = models[_model_key(meta)], tasks[meta["task"]].splits[spec.split]
+        mine = {space: _surface(group, specs[space], Path(out), model, split, overwrite, progress,
                                 clock.chunk if clock else None) for space in spaces}
         surfaces.update({(str(checkpoint.path), space): s for space, s in mine.items()})
         params = {k: v.to(model.device) for k, v in checkpoint.params.items()}
-        rows.append(_measure(model, params, examples, mine, metrics, checkpoint))
+        rows.append(_measure(model, params, split, mine, metrics, checkpoint))
         if clock:
             clock.checkpoint_done(index)
     connections = [_connection(a, b, models[_model_key(a.meta)], tasks[a.meta["task"]], connect, Path(out), progress)
@@ -182,9 +185,6 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
 
 def from_surfaces(paths: list[str | Path]) -> Comparison:
     """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness)."""
-    from landscape.measure import surface_topology
-    from landscape.metrics import metrics_row, surface_metrics
-
     surfaces = {}
     for path in paths:
         surface = load_surface(path)
@@ -208,8 +208,6 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
 
 def _seed_pairs(checkpoints) -> list[tuple]:
     """Every pair of seeds within each method, checked to share one landscape before anything is computed."""
-    from landscape.connect import check_pair
-
     by_method: dict[str, list] = {}
     for checkpoint in checkpoints:
         by_method.setdefault(checkpoint.meta.get("method", "checkpoint"), []).append(checkpoint)
@@ -221,52 +219,40 @@ def _seed_pairs(checkpoints) -> list[tuple]:
     return pairs
 
 
-def _connection(a, b, model, task, config, out: Path, progress: bool) -> dict:
-    """connect.json of the pair: read when it was computed with this config, else computed and written."""
-    import json
-
-    from landscape.connect import RESULT_FILE, connect_params, write_result
-
+def _connection(a: Checkpoint, b: Checkpoint, model, task: Task, config: ConnectConfig, out: Path,
+                progress: bool) -> dict:
+    """connect.json of the pair: read when it was computed with this config, else computed and written. The
+    folder it lies in is added under "folder" (the figure is drawn there by landscape.draw)."""
     path = out / "connect" / f"{run_label(a.meta, a.path)}--{run_label(b.meta, b.path)}"
     if (path / RESULT_FILE).exists():
         saved = json.loads((path / RESULT_FILE).read_text())
         if (saved.get("hash_a"), saved.get("hash_b"), saved.get("config")) == (
                 a.content_hash(), b.content_hash(), to_json(asdict(config))):
-            return saved
-    result = connect_params(model, a.params, b.params, task.splits["train"], task.splits[config.split], config,
-                            progress)
-    result.info.update(checkpoint_a=str(a.path), checkpoint_b=str(b.path), task=a.meta["task"], head=a.meta["head"],
-                       method_a=a.meta.get("method"), seed_a=a.meta.get("seed"), method_b=b.meta.get("method"),
-                       seed_b=b.meta.get("seed"))
+            return {**saved, "folder": str(path)}
+    result = connect_pair(a, b, model, config, task, progress)
     write_result(result, path)
-    return to_json(result.to_dict())
+    return {**to_json(result.to_dict()), "folder": str(path)}
 
 
 def _model_key(meta: dict) -> tuple:
     return meta["model"], meta["head"], tuple(meta.get("label_words") or ()), meta.get("template")
 
 
-def _tasks(checkpoints) -> dict:
-    from ptp_core.data import load_task
-
+def _tasks(checkpoints: list[Checkpoint]) -> dict[str, Task]:
+    """Each checkpoint's task by name, every one loaded (and refused) before anything is written."""
     tasks = {}
     for checkpoint in checkpoints:
-        meta = checkpoint.meta
-        if not meta.get("task"):
-            raise ValueError(f"{checkpoint.path} does not name its task in ptp.json; it cannot be evaluated here")
-        if meta["task"] not in tasks:
-            tasks[meta["task"]] = load_task(meta["task"], label_words=meta.get("label_words"),
-                                            label_names=meta.get("label_names"))
+        name = checkpoint.meta.get("task")
+        if name not in tasks or not name:
+            tasks[name] = checkpoint.task()
     return tasks
 
 
-def _surface(group, spec: SurfaceSpec, out: Path, model, examples, overwrite: bool, progress: bool,
+def _surface(group, spec: SurfaceSpec, out: Path, model, split, overwrite: bool, progress: bool,
              on_chunk=None) -> Surface:
-    from landscape.grid import compute_surface
-
     checkpoint = group[0]
     path = out / "surfaces" / f"{run_label(checkpoint.meta, checkpoint.path)}-{spec.space}"
-    surface = compute_surface(group, spec, path, model=model, examples=examples, overwrite=overwrite,
+    surface = compute_surface(group, spec, path, model=model, split=split, overwrite=overwrite,
                               progress=progress, on_chunk=on_chunk)
     if spec.space == "prompt" and spec.directions in ("pca", "interp") and checkpoint.trajectory is not None:
         surface.spec["trajectory"] = project_trajectory(surface, checkpoint.trajectory["prompts"].numpy(),
@@ -275,18 +261,14 @@ def _surface(group, spec: SurfaceSpec, out: Path, model, examples, overwrite: bo
     return surface
 
 
-def _measure(model, params, examples, surfaces: dict[str, Surface], config: MetricsConfig, checkpoint) -> dict:
-    from landscape.measure import measure
-
+def _measure(model, params, split, surfaces: dict[str, Surface], config: MetricsConfig, checkpoint) -> dict:
     meta = checkpoint.meta
-    return measure(model, params, examples, surfaces.get("prompt"), config, str(checkpoint.path),
+    return measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
                    meta.get("method", "checkpoint"), meta.get("seed"), (meta.get("metrics") or {}).get("test_accuracy"),
                    surfaces.get("input"))
 
 
 def _metadata(surfaces: list[Surface]) -> dict:
-    from datetime import date
-
     spec = surfaces[0].spec if surfaces else {}
     return {"model": spec.get("model"), "task": spec.get("task"), "directions": spec.get("directions"),
             "normalization": spec.get("normalization"), "seed": spec.get("seed"), "split": spec.get("split"),

@@ -1,14 +1,14 @@
-"""The calibrated PT vs PTP study (issue 14), with our own sweep tooling; resumable, so it may span sessions.
+"""The calibrated PT vs PTP study, with our own sweep tooling; resumable. Run from the repository root:
 
-    python bench/ptp_study.py search   # PTP-RN / PTP-ADV settings x seeds 0, 1 at 150 steps: validation accuracy
-    python bench/ptp_study.py final --rn NAME --adv NAME   # 5 seeds x {pt, ptp-rn, ptp-adv} at 300 steps
-    python bench/ptp_study.py report   # the tables of both phases (markdown), Welch and Levene tests
+    python -m experiments.ptp_study.study search   # PTP-RN / PTP-ADV settings x seeds 0, 1 at 150 steps
+    python -m experiments.ptp_study.study final --rn NAME --adv NAME   # 5 seeds x {pt, ptp-rn, ptp-adv}, 300 steps
+    python -m experiments.ptp_study.study report   # the tables of both phases (markdown), Welch and Levene tests
 
     # two processes of one thread share the work (run i goes to part i % N); --only/--seeds/--methods narrow it
-    python bench/ptp_study.py search --only rn-sigma0.5 --part 0/2 --threads 1 & ...  --part 1/2 --threads 1
+    python -m experiments.ptp_study.study search --only rn-sigma0.5 --part 0/2 --threads 1 & ... --part 1/2 --threads 1
 
-Runs go to bench/study/{search,final}/... (committed, trajectories aside); a run that finished is skipped when
-the command is repeated.
+Runs go to experiments/ptp_study/runs/{search,final}/... (committed, trajectories aside); a run that finished is
+skipped when the command is repeated. The write-up is experiments/ptp_study/README.md.
 Selection uses validation accuracy only (the first 256 validation examples); test accuracy (the first 512
 test examples in the search, all 1275 in the final) is reported, never used to choose.
 """
@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ptp_core.perturb import PerturbConfig
+from ptp_core.sweep import read_meta, run_dir, run_sweep
+from ptp_core.train import TrainConfig
 
-from ptp_core.perturb import PerturbConfig  # noqa: E402
-from ptp_core.sweep import read_meta, run_dir, run_sweep  # noqa: E402
-from ptp_core.train import TrainConfig  # noqa: E402
-
-# Committed (but for the trajectories), so that a study spread over sessions survives a new machine.
-OUT = ROOT / "bench" / "study"
+# Committed (but for the trajectories), so that the runs can be resumed or re-checked on another machine.
+OUT = Path(__file__).resolve().parent / "runs"
 SEARCH_SEEDS, FINAL_SEEDS = [0, 1], [0, 1, 2, 3, 4]
 # PT leaves its early plateau near step 40 on this task (seed 1): the schedule keeps the regularizer off until then.
 SCHEDULE = dict(reg_warmup=40, reg_ramp=40)
@@ -149,7 +145,7 @@ def report() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("search", "final", "report"))
-    # the defaults are the settings the search chose on validation accuracy (2026-11-29), today's training defaults
+    # the defaults are the settings the search chose on validation accuracy, today's training defaults
     p.add_argument("--rn", default="rn-sigma1-sched", choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-rn"])
     p.add_argument("--adv", default="adv-eps0.003-sched",
                    choices=[k for k, v in CANDIDATES.items() if v[0] == "ptp-adv"])

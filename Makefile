@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo install notebooks clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m landscape.demo --mode $(DEMO)
+
+# The notebooks are committed executed (fast mode on the embedded default); rerun after an API change.
+notebooks: $(STAMP)
+	$(PY) notebooks/execute.py
 
 clean-venv:
 	rm -rf $(VENV)

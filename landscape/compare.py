@@ -30,6 +30,7 @@ from ptp_core.backbones import resolve_device, resolve_dtype
 from ptp_core.checkpoint import Checkpoint, load_checkpoint
 from ptp_core.data import Task
 from ptp_core.io import to_json
+from ptp_core.task_metrics import METRIC_KEYS
 
 
 @dataclass
@@ -262,10 +263,12 @@ def _surface(group, spec: SurfaceSpec, out: Path, model, split, overwrite: bool,
 
 
 def _measure(model, params, split, surfaces: dict[str, Surface], config: MetricsConfig, checkpoint) -> dict:
-    meta = checkpoint.meta
+    meta, scores = checkpoint.meta, checkpoint.meta.get("metrics") or {}
+    task_scores = {f"test_{key}": scores[f"test_{key}"] for key in METRIC_KEYS.get(meta.get("metric", "accuracy"), ())
+                   if f"test_{key}" in scores}  # the benchmark's metric beside test accuracy: test_f1, test_mcc, ...
     return measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
-                   meta.get("method", "checkpoint"), meta.get("seed"), (meta.get("metrics") or {}).get("test_accuracy"),
-                   surfaces.get("input"))
+                   meta.get("method", "checkpoint"), meta.get("seed"), scores.get("test_accuracy"),
+                   surfaces.get("input"), task_scores)
 
 
 def _metadata(surfaces: list[Surface]) -> dict:

@@ -113,6 +113,9 @@ def top_eigenvalues(
     linear_operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=operator.numpy_matvec, dtype=np.float64)
     start = torch.randn(n, generator=as_generator(seed), dtype=torch.float64).numpy()
     maxiter = max(1, (max_hvps - ncv) // max(1, ncv - k) + 1)
+    if not np.any(operator.numpy_matvec(start)):  # H v = 0 for a random v: H = 0 (a constant loss), as ARPACK
+        zero = unflatten_params(torch.zeros(n, dtype=torch.float64), operator.like)  # cannot start from H v0 = 0
+        return EigenResult([0.0] * k, [zero] * k, [0.0] * k, True, operator.hvps)
     try:
         values, vectors = scipy.sparse.linalg.eigsh(
             linear_operator, k=k, which="LA", tol=tol, v0=start, ncv=ncv, maxiter=maxiter)

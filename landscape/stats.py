@@ -1,7 +1,7 @@
 """Statistics across checkpoints: per method, between methods, and against test accuracy (tables: landscape.draw.tables).
 
 A row is one checkpoint's dict: `checkpoint`, `method`, `seed`, metric values and
-`test_accuracy`. List values (hessian_eigenvalues) become columns `name_1, name_2, ...`
+`test_accuracy` (with a benchmark also its own test metric, `test_f1`, `test_mcc`, ...). List values (hessian_eigenvalues) become columns `name_1, name_2, ...`
 (name_1 is the top one) and dict values (flat_radius) `name_key`. Missing, None and NaN values
 and inf values are dropped per statistic (an inf flat radius, "never crossed within the grid",
 is therefore left out, not ranked last). A statistic that cannot be computed is None with a
@@ -17,13 +17,15 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.stats
 
 
 ROW_KEYS = ("checkpoint", "method", "seed")
 # Columns tabulated but not analysed: row["cost"], row["settings"] and per-checkpoint uncertainties.
 NOT_ANALYSED = re.compile(r"^(cost|settings)_|_stderr$|_ci_\d+$|_residuals_\d+$|_residual$")
 TARGET = "test_accuracy"
+# What a checkpoint scores on its task: test_accuracy and the benchmark's own metric (test_f1, test_mcc, test_em, ...).
+# Each is a target the landscape metrics are rank-correlated with, never one of those metrics itself.
+OUTCOME = re.compile(r"^test_")
 CALIBRATION = "center_ece"  # sharpness metrics are also rank-correlated with it (calibration next to sharpness)
 SHARPNESS = re.compile(r"sharpness|^(input_)?curvature_eigenvalues_1$|^hessian_(eigenvalues_1|trace|min_eigenvalue)$")
 # Whole distributions, not numbers: kept in metrics.json, left out of the columns of the tables
@@ -120,6 +122,8 @@ def summarize(rows: list[dict], metrics: list[str] | None = None, n_resamples: i
 
 def compare_methods(rows: list[dict], metrics: list[str] | None = None) -> list[PairwiseTest]:
     """Every pair of methods: Welch's t, Mann-Whitney U (two-sided), Hedges' g and rank-biserial r."""
+    import scipy.stats  # ~1 s to import: loaded when statistics are computed, not by a command refused on its flags
+
     out = []
     for metric in metric_names(rows) if metrics is None else metrics:
         groups = _groups(rows, metric)
@@ -147,8 +151,11 @@ def compare_methods(rows: list[dict], metrics: list[str] | None = None) -> list[
 
 def correlate(rows: list[dict], metrics: list[str] | None = None, target: str = TARGET) -> list[Correlation]:
     """Spearman's rho of each metric vs `target` over all checkpoints (all methods pooled)."""
+    import scipy.stats  # ~1 s to import: loaded when statistics are computed, not by a command refused on its flags
+
     out = []
-    for metric in [m for m in metric_names(rows) if m != target] if metrics is None else metrics:
+    default = [m for m in metric_names(rows) if m != target and not OUTCOME.search(m)]  # outcomes are no predictors
+    for metric in default if metrics is None else metrics:
         pairs = [(r.get(metric), r.get(target)) for r in map(flatten_row, rows)]
         pairs = np.array([p for p in pairs if is_number(p[0]) and is_number(p[1])], dtype=np.float64).reshape(-1, 2)
         result = Correlation(metric, target, len(pairs))
@@ -191,11 +198,14 @@ class Statistics:
 
 
 def statistics(rows: list[dict], n_resamples: int = 10000, seed: int = 0, connections: list[dict] = ()) -> Statistics:
-    """Per-method summaries, pairwise tests, and Spearman correlations of every metric with test accuracy and of
-    every sharpness metric with the calibration error center_ece; with `connections` (connect.json of pairs of
-    seeds of one method), the per-method statistics of their linear and Bezier-curve loss barriers."""
+    """Per-method summaries, pairwise tests, and Spearman correlations of every landscape metric with test accuracy
+    (and with the task's own test metric, test_f1, test_mcc, ..., when the rows carry it) and of every sharpness
+    metric with the calibration error center_ece; with `connections` (connect.json of pairs of seeds of one
+    method), the per-method statistics of their linear and Bezier-curve loss barriers."""
     metrics = metric_names(rows)
-    correlations = correlate(rows, [m for m in metrics if m != TARGET])
+    landscape_metrics = [m for m in metrics if not OUTCOME.search(m)]
+    targets = [TARGET, *(m for m in metrics if OUTCOME.search(m) and m != TARGET)]
+    correlations = [c for target in targets for c in correlate(rows, landscape_metrics, target)]
     if CALIBRATION in metrics:
         correlations += correlate(rows, [m for m in metrics if SHARPNESS.search(m)], CALIBRATION)
     pairs = [{"method": c.get("method_a"), **{k: c.get(k) for k in BARRIERS}} for c in connections]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-LAZY = {"load_checkpoint": "ptp_core.checkpoint", "Checkpoint": "ptp_core.checkpoint"}
+LAZY = {"load_checkpoint": "ptp_core.checkpoint", "Checkpoint": "ptp_core.checkpoint", "from_peft": "ptp_core.hf"}
 __all__ = list(LAZY)
 
 

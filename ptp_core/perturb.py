@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -107,7 +107,7 @@ def random_noise(shape: tuple[int, ...], rms: float, noise: str, generator: torc
 def ball_radius(batch: Batch, epsilon: float, rms: float, dim: int, norm: str) -> Tensor:
     """Per-example radius (B, 1, 1): L2 radius eps * RMS(E) * sqrt(text tokens * D); L-inf eps * RMS(E)."""
     if norm == "linf":
-        return torch.full((len(batch), 1, 1), epsilon * rms, device=batch.input_ids.device)
+        return torch.full((batch.rows, 1, 1), epsilon * rms, device=batch.input_ids.device)
     tokens = batch.text_mask.sum(1).clamp_min(1).float()  # (B,)
     return (epsilon * rms * (tokens * dim).sqrt()).view(-1, 1, 1)
 
@@ -158,7 +158,7 @@ def perturbable(model: PromptModel, batch: Batch) -> Tensor:
 
 
 def with_ids(batch: Batch, input_ids: Tensor) -> Batch:
-    return Batch(input_ids, batch.attention_mask, batch.text_mask, batch.answer_index, batch.labels)
+    return replace(batch, input_ids=input_ids)
 
 
 def mask_text(model: PromptModel, batch: Batch, rate: float, replacement: str, generator: torch.Generator) -> Batch:
@@ -194,17 +194,9 @@ def hotflip(model: PromptModel, batch: Batch, gradient: Tensor, swaps: int, chun
     top_gain, top_pos = best_gain.topk(k, dim=1)  # (B, k)
     take = top_gain > 0
     ids = batch.input_ids.clone()
-    b = torch.arange(len(batch), device=ids.device).unsqueeze(1).expand_as(top_pos)  # (B, k)
+    b = torch.arange(batch.rows, device=ids.device).unsqueeze(1).expand_as(top_pos)  # (B, k)
     ids[b[take], top_pos[take]] = best_token[b[take], top_pos[take]]
     return with_ids(batch, ids)
-
-
-def _losses_and_grads(model, params, batch, delta=None):
-    """Mean CE and its gradients w.r.t. params (and delta when it requires grad)."""
-    loss = model.loss(params, batch, input_perturbation=delta).mean()
-    inputs = list(params.values()) + ([delta] if delta is not None and delta.requires_grad else [])
-    grads = torch.autograd.grad(loss, inputs)
-    return loss.detach(), list(grads[:len(params)]), (grads[len(params)] if len(grads) > len(params) else None)
 
 
 def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
@@ -227,21 +219,30 @@ def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, confi
     return delta.detach()
 
 
-def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-                 generator: torch.Generator) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """FreeLB (Zhu et al. 2020): mean CE and params' gradients averaged over the K ascent steps, and the K deltas."""
+def freelb_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+                generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+    """FreeLB (Zhu et al. 2020): the mean CE over the K ascent steps as a tensor (its gradient is the average of
+    the K gradients) and the K deltas; each ascent differentiates the delta only, the params wait for backward."""
     like = model.backbone.get_input_embeddings().weight
     radius = ball_radius(batch, config.epsilon, embedding_rms(model), model.embedding_dim, config.adv_norm)
     delta = random_start(batch, (*batch.input_ids.shape, model.embedding_dim), radius, config, generator, like)
-    total, average, deltas = 0.0, [torch.zeros_like(p) for p in params.values()], []
+    total, deltas = 0.0, []
     for step in range(config.adv_steps):
         deltas.append(delta)
-        loss, grads, gradient = _losses_and_grads(model, params, batch, delta.requires_grad_(True))
+        last = step == config.adv_steps - 1
+        loss = model.loss(params, batch, input_perturbation=delta if last else delta.requires_grad_(True)).mean()
         total = total + loss / config.adv_steps
-        average = [a + g / config.adv_steps for a, g in zip(average, grads)]
-        if step < config.adv_steps - 1:
+        if not last:
+            (gradient,) = torch.autograd.grad(loss, [delta], retain_graph=True)  # the graph stays for backward
             delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
-    return total, average, [d.detach() for d in deltas]
+    return total, [d.detach() for d in deltas]
+
+
+def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+                 generator: torch.Generator) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """FreeLB (Zhu et al. 2020): mean CE and params' gradients averaged over the K ascent steps, and the K deltas."""
+    loss, deltas = freelb_loss(model, params, batch, config, generator)
+    return loss.detach(), list(torch.autograd.grad(loss, list(params.values()))), deltas
 
 
 def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
@@ -263,42 +264,79 @@ def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, conf
     return offset[0].detach()
 
 
-def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,
-                  config: PerturbConfig, generator: torch.Generator, reg_weight: float | None = None
-                  ) -> dict[str, float]:
-    """Accumulate d[CE(clean) + lam CE(perturbed)]/d(params) into params' .grad; return the losses to log.
+def perturbed_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str, config: PerturbConfig,
+                   generator: torch.Generator, input_gradient: Tensor | None = None,
+                   prompt_gradient: Tensor | None = None) -> Tensor:
+    """Mean CE of the perturbed pass as a tensor: the one regularizer of our loop and of ptp_core.hf's Trainer.
 
-    reg_weight: lam at this step (PerturbConfig.weight_at); None: config.reg_weight."""
-    weight = config.reg_weight if reg_weight is None else reg_weight
+    The clean loss's gradients seed the adversarial ascents: `input_gradient` (R, T, D) PGD's first step and
+    HotFlip, `prompt_gradient` (P, D) SAM's; the ascents differentiate the perturbation only."""
     adversarial = method == "ptp-adv"
-    needs_input_gradient = adversarial and not config.adv_free and config.target in ("input", "text")
+    if config.target == "input" and adversarial and config.adv_free:
+        return freelb_loss(model, params, batch, config, generator)[0]
+    if config.target == "input":
+        shape = (*batch.input_ids.shape, model.embedding_dim)
+        table = model.backbone.get_input_embeddings().weight
+        perturbation = (pgd_input(model, params, batch, config, generator, input_gradient) if adversarial else
+                        random_noise(shape, config.sigma * embedding_rms(model), config.noise, generator, table))
+        return model.loss(params, batch, input_perturbation=perturbation).mean()
+    if config.target == "prompt":
+        prompt = params["prompt"]
+        offset = (sam_prompt(model, params, batch, config, prompt_gradient) if adversarial else
+                  random_noise(tuple(prompt.shape), config.sigma * embedding_rms(model), config.noise, generator,
+                               prompt))
+        return model.loss({**params, "prompt": prompt + offset}, batch).mean()
+    inputs = (hotflip(model, batch, input_gradient, config.swaps) if adversarial else
+              mask_text(model, batch, config.mask_rate, config.replacement, generator))
+    return model.loss(params, inputs).mean()
+
+
+def _clean_pass(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,
+                config: PerturbConfig) -> tuple[Tensor, Tensor | None]:
+    """The clean mean CE and, when an ascent needs the input gradient, the zero perturbation it is taken at."""
     zero = None
-    if needs_input_gradient:  # a zero perturbation: the clean loss, with the input gradient for free
+    if method == "ptp-adv" and not config.adv_free and config.target in ("input", "text"):
+        # a zero perturbation: the clean loss, differentiable in the input for PGD's first step and HotFlip
         zero = torch.zeros((*batch.input_ids.shape, model.embedding_dim),
                            dtype=model.backbone.get_input_embeddings().weight.dtype, device=model.device)
         zero.requires_grad_(True)
-    clean, grads, input_gradient = _losses_and_grads(model, params, batch, zero)
+    return model.loss(params, batch, input_perturbation=zero).mean(), zero
+
+
+def ptp_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str, config: PerturbConfig,
+             generator: torch.Generator, reg_weight: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = CE(clean) + lam CE(perturbed) (PTP, Chen et al. 2023, eq. 1), batch means, as a tensor to backpropagate
+    by its caller (transformers.Trainer in ptp_core.hf: its gradient accumulation and loss scaling then apply).
+
+    The ascent's seed gradients cost one backward of the clean pass here (its graph is kept for the caller's
+    backward); ptp_gradients, which owns its backward, gets them from the clean pass's own gradient instead.
+    Also returns the detached parts to log: clean_loss, perturbed_loss. reg_weight: lam (None: config's)."""
+    weight = config.reg_weight if reg_weight is None else reg_weight
+    clean, zero = _clean_pass(model, params, batch, method, config)
+    input_gradient = prompt_gradient = None
+    if zero is not None:
+        (input_gradient,) = torch.autograd.grad(clean, [zero], retain_graph=True)
+    if method == "ptp-adv" and config.target == "prompt":
+        (prompt_gradient,) = torch.autograd.grad(clean, [params["prompt"]], retain_graph=True)
+    perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient, prompt_gradient)
+    return clean + weight * perturbed, {"clean_loss": clean.detach(), "perturbed_loss": perturbed.detach()}
+
+
+def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,
+                  config: PerturbConfig, generator: torch.Generator, reg_weight: float | None = None
+                  ) -> dict[str, float]:
+    """Accumulate d[CE(clean) + lam CE(perturbed)]/d(params) into params' .grad (the gradient of ptp_loss);
+    return the losses to log. One backward of the clean pass gives the params' gradient and the ascent's seed.
+
+    reg_weight: lam at this step (PerturbConfig.weight_at); None: config.reg_weight."""
+    weight = config.reg_weight if reg_weight is None else reg_weight
+    clean, zero = _clean_pass(model, params, batch, method, config)
     names = list(params)
-    rms = embedding_rms(model)
-    if config.target == "input" and adversarial and config.adv_free:
-        perturbed, perturbed_grads, _ = freelb_input(model, params, batch, config, generator)
-    else:
-        inputs, perturbation, perturbed_params = batch, None, params
-        if config.target == "input":
-            shape = (*batch.input_ids.shape, model.embedding_dim)
-            table = model.backbone.get_input_embeddings().weight
-            perturbation = (pgd_input(model, params, batch, config, generator, input_gradient) if adversarial else
-                            random_noise(shape, config.sigma * rms, config.noise, generator, table))
-        elif config.target == "prompt":
-            offset = (sam_prompt(model, params, batch, config, grads[names.index("prompt")]) if adversarial else
-                      random_noise(tuple(params["prompt"].shape), config.sigma * rms, config.noise, generator,
-                                   params["prompt"]))
-            perturbed_params = {**params, "prompt": params["prompt"] + offset}
-        else:
-            inputs = (hotflip(model, batch, input_gradient, config.swaps) if adversarial else
-                      mask_text(model, batch, config.mask_rate, config.replacement, generator))
-        perturbed, perturbed_grads, _ = _losses_and_grads(model, perturbed_params, inputs, perturbation)
-    for p, g_clean, g_perturbed in zip(params.values(), grads, perturbed_grads):
+    grads = torch.autograd.grad(clean, [*params.values(), *([zero] if zero is not None else [])])
+    input_gradient = grads[len(names)] if zero is not None else None
+    perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient,
+                               grads[names.index("prompt")])
+    for p, g_clean, g_perturbed in zip(params.values(), grads, torch.autograd.grad(perturbed, list(params.values()))):
         g = g_clean + weight * g_perturbed
         p.grad = g if p.grad is None else p.grad + g
     clean, perturbed = clean.item(), perturbed.item()

@@ -6,7 +6,8 @@
 Runs land in OUT/<method>/seed<k>/; a run whose ptp.json says status "complete" is skipped, so the
 same command resumes an interrupted sweep. OUT/summary.csv and OUT/summary.md answer the PTP
 paper's question per method: test accuracy (mean, std, min, max over seeds), best validation
-accuracy, and the seed spread of the validation-accuracy curve over training.
+accuracy, the seed spread of the validation-accuracy curve over training, and the mean and std of the
+task's own metric (CB macro-F1, MRPC F1, CoLA MCC, MultiRC F1a and EM) when it has one.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from ptp_core import cli
 from ptp_core.checkpoint import META
 from ptp_core.io import write_text
+from ptp_core.task_metrics import METRIC_KEYS
 from ptp_core.train import COLLAPSE_TOLERANCE, METHODS, TrainConfig, add_arguments, config_from_args, train
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
@@ -105,8 +107,25 @@ def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
                        best_validation_accuracy_mean=statistics.fmean(valid), best_validation_accuracy_std=_std(valid),
                        validation_curve_seed_std_mean=statistics.fmean(spread) if spread else math.nan,
                        validation_curve_seed_std_final=spread[-1] if spread else math.nan)
-        rows.append({k: row.get(k, 0 if k == "collapsed" else math.nan) for k in SUMMARY_COLUMNS})
+        rows.append({**{k: row.get(k, 0 if k == "collapsed" else math.nan) for k in SUMMARY_COLUMNS},
+                     **task_metric_summary(metas)})
     return rows
+
+
+def task_metric_summary(metas: list[dict]) -> dict[str, float]:
+    """test_<key>_mean and test_<key>_std (ddof=1) over runs of the task's metric keys (ptp.json's "metric")."""
+    keys = METRIC_KEYS.get(metas[0].get("metric", "accuracy"), ()) if metas else ()
+    out = {}
+    for key in keys:
+        values = [m["metrics"][f"test_{key}"] for m in metas if f"test_{key}" in m["metrics"]]
+        out.update({f"test_{key}_mean": statistics.fmean(values) if values else math.nan,
+                    f"test_{key}_std": _std(values)})
+    return out
+
+
+def summary_columns(rows: list[dict]) -> list[str]:
+    """SUMMARY_COLUMNS, then the task metric's columns that any row has."""
+    return list(dict.fromkeys([*SUMMARY_COLUMNS, *(k for r in rows for k in r)]))
 
 
 def collapsed_runs(out: str | Path, methods: list[str], seeds: list[int]) -> list[str]:
@@ -121,12 +140,15 @@ def summary_markdown(rows: list[dict], collapsed: list[str] = ()) -> str:
     def pct(value):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
+    extra = summary_columns(rows)[len(SUMMARY_COLUMNS):]  # the task's metric: test_f1_mean, test_f1_std, ...
+    names = [k.removeprefix("test_").replace("_mean", " mean").replace("_std", " std") for k in extra]
     lines = ["| method | runs | test acc mean | std | min | max | best val acc mean | std | "
-             "val-curve seed std (mean over steps) | (final) | collapsed to the constant predictor |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "val-curve seed std (mean over steps) | (final) | collapsed to the constant predictor |"
+             + "".join(f" test {name} |" for name in names),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:-1])
-                     + f" | {r['collapsed']} |")
+                     + f" | {r['collapsed']} |" + "".join(f" {pct(r.get(k))} |" for k in extra))
     if collapsed:
         lines += ["", f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
                       f"the label prior's entropy): {', '.join(collapsed)}."]
@@ -136,7 +158,7 @@ def summary_markdown(rows: list[dict], collapsed: list[str] = ()) -> str:
 def write_summary(out: str | Path, rows: list[dict], collapsed: list[str] = ()) -> tuple[Path, Path]:
     """OUT/summary.csv and OUT/summary.md, each written to a temp file and renamed into place."""
     buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=summary_columns(rows), restval=math.nan, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return write_text(Path(out) / "summary.csv", buffer.getvalue()), \

@@ -11,10 +11,10 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import transformers
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -63,6 +63,8 @@ class TrainConfig:
     max_length: int = 128
     label_words: list[str] | None = None
     template: str | None = None
+    text_fields: tuple[str, ...] = ("text",)  # the text columns of a CSV/JSONL task (--text-fields premise,hypothesis)
+    train_examples: int | None = None  # a seeded subset of the train split (FewGLUE: 32); None: all of it
     device: str = "auto"  # cuda when a GPU is present
     dtype: str = "auto"  # bf16 autocast where the hardware multiplies bf16 natively (weights stay float32)
     cache_dir: str | None = None
@@ -78,6 +80,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "snapshot_every", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.train_examples is not None and self.train_examples <= 0:
+            raise ValueError(f"--train-examples must be > 0, got {self.train_examples}")
         if self.head == "auto":
             self.head = default_head(self.model)
         if self.lr is None:
@@ -134,7 +138,7 @@ def step_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, 
 
 
 def _versions() -> dict:
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {"torch": torch.__version__, "transformers": version("transformers"), "python": platform.python_version()}
 
 
 @dataclass
@@ -151,9 +155,10 @@ class FitResult:
 def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptModel:
     """The frozen backbone with its head for `task`; the verbalizer reads the task's cloze template."""
     backbone = load_backbone(config.model, config.head, task.num_labels, device, torch.float32,
-                             Path(config.cache_dir) if config.cache_dir else None)
+                             Path(config.cache_dir) if config.cache_dir else None, choices=task.choices)
     template = task.template if config.head == "verbalizer" else (config.template or "{text}")
-    return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length)
+    return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length,
+                       choices=task.choices)
 
 
 def make_optimizer(params: dict[str, Tensor], config: TrainConfig
@@ -228,9 +233,10 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
         **settings, "head": config.head, "kind": model.kind, "model_path": model.model_path,
         "compute_dtype": compute_dtype, "device": device,
         "task": config.task, "label_names": task.label_names, "label_words": task.label_words,
-        "template": model.template, "num_labels": task.num_labels, "split_sizes": task.sizes(),
+        "template": model.template, "num_labels": task.num_labels, "choices": task.choices,
+        "split_sizes": task.sizes(), "split_info": task.split_info, "metric": task.metric, "fields": list(task.fields),
         "status": result.status,
-        "metrics": {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_n": test["n"],
+        "metrics": {**{f"test_{key}": value for key, value in test.items()},  # loss, accuracy, n, the task's metric
                     "best_validation_accuracy": result.best_accuracy, "best_step": result.best_step,
                     "label_prior_entropy": prior_entropy, "collapsed": collapsed(result.log, prior_entropy),
                     "seconds": round(seconds, 1)},
@@ -245,7 +251,7 @@ def train(config: TrainConfig) -> Path:
     started = time.time()
     generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
     noise_generator = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations: their own stream
-    task = load_task(config.task, config.label_words, config.template)
+    task = load_task(config.task, config.label_words, config.template, None, config.text_fields, config.train_examples)
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
     model = build_prompt_model(config, task, device)
@@ -253,9 +259,8 @@ def train(config: TrainConfig) -> Path:
               model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text).items()}
     prior_entropy = label_prior_entropy(task.splits["train"].labels, task.num_labels)
     result = fit_prompt(model, params, task, config, generator, noise_generator, compute_dtype, prior_entropy)
-    test_batches, _ = batch_split(model, task.splits["test"].head(config.test_examples), EVAL_BATCH_SIZE)
     with autocast(device, compute_dtype):
-        test = evaluate(model, result.params, test_batches)
+        test = evaluate(model, result.params, task.splits["test"].head(config.test_examples), metric=task.metric)
     meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
     save_checkpoint(out, result.params, meta, result.trajectory, model.backbone.config, overwrite=True, log=result.log)
     if result.status != "complete":
@@ -267,7 +272,9 @@ def add_arguments(p) -> None:
     """The training flags (shared with the sweep, which passes them on to every run)."""
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="minilm, smollm2, an HF model id or a local folder")
-    p.add_argument("--task", default=d.task, help="rotten_tomatoes, a CSV/JSONL file (text,label[,split]) or HF name")
+    p.add_argument("--task", default=d.task, help="rotten_tomatoes, super_glue/rte, glue/mrpc, a folder, a file")
+    p.add_argument("--text-fields", type=lambda s: tuple(s.split(",")), default=d.text_fields, help="file columns")
+    p.add_argument("--train-examples", type=cli.positive(int), default=None, help="seeded subset (FewGLUE: 32)")
     p.add_argument("--head", default=d.head, choices=("auto", "classifier", "verbalizer"))
     p.add_argument("--prompt-len", dest="prompt_length", type=int, default=d.prompt_length)
     p.add_argument("--prompt-init", default=d.prompt_init, choices=PROMPT_INITS)

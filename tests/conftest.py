@@ -31,11 +31,14 @@ def make_tokenizer(kind: str):
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    if kind == "masked":
+    if kind in ("masked", "segments"):  # segments: a BERT tokenizer that also returns token_type_ids
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        inputs = ["input_ids", "token_type_ids", "attention_mask"] if kind == "segments" else None
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                       **({"model_input_names": inputs} if inputs else {}))
     if kind == "seq2seq":
         tok.post_processor = processors.TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", vocab["[SEP]"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
@@ -96,7 +99,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
                                          initializer_range=0.3))
     _grow_positions(bert.bert.embeddings.position_embeddings, bert.config, "max_position_embeddings")
     _grow_positions(gpt2.transformer.wpe, gpt2.config, "n_positions")
-    return {"bert": _save(bert, "masked", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),
+    return {"bert": _save(bert, "segments", root / "bert"), "gpt2": _save(gpt2, "causal", root / "gpt2"),
             "llama": _save(llama, "causal", root / "llama")}
 
 
@@ -230,3 +233,9 @@ def one_token_hessian(model, batch):
         dense = torch.autograd.functional.hessian(lambda v: loss_fn({"prompt": v.float().reshape(1, -1)}).double(),
                                                   params["prompt"].double().flatten(), vectorize=True)  # (D, D)
     return loss_fn, params, (dense + dense.T) / 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: the two pytest workers then start on the longest ones (notebooks, minilm) and share
+    the short ones after, instead of one worker finishing a four-minute test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

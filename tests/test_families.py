@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import FAMILIES, family_head, toy_rows
-from ptp_core.encoding import render
+from ptp_core.templates import render
 
 TEXTS = [r["text"] for r in toy_rows(5, seed=11)] + ["good"]  # lengths differ: the batch is right-padded
 LABEL_WORDS = ["negative", "positive"]

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom in fast mode (PTP_FAST=1 shrinks steps and grids)."""
+"""The notebooks run top to bottom in fast mode (PTP_FAST=1 shrinks steps and grids), and are stored executed."""
 from pathlib import Path
 
 import nbformat
@@ -8,11 +8,15 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_three_notebooks_are_stored_without_outputs():
+def test_three_notebooks_are_stored_executed_in_order_without_errors():
+    """Committed with their outputs (`make notebooks`), so that they read on a repository browser."""
     assert len(NOTEBOOKS) == 3
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
-        assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), path.name
+        code = [cell for cell in book.cells if cell.cell_type == "code"]
+        assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), path.name
+        outputs = [o for cell in code for o in cell.get("outputs", [])]
+        assert outputs and not any(o.get("output_type") == "error" for o in outputs), path.name
 
 
 @pytest.mark.slow

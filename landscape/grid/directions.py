@@ -241,6 +241,9 @@ def input_directions(model: PromptModel, params: Params, batches: Sequence[Batch
     depend on how examples are batched).
     """
     _check_norm(norm)
+    if any(batch.choices for batch in batches):
+        raise ValueError("input-space surfaces draw one direction per example text, and a multiple-choice example "
+                         "has one text per candidate; use --space prompt")
     order = order if order is not None else _consecutive(batches)
     generator = torch.Generator().manual_seed(seed)
     lengths = {index: int(batch.text_mask[r].sum()) for batch, rows in zip(batches, order)

@@ -61,7 +61,7 @@ def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int, prompt
     hidden = model.embedding_dim
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    rows = max(len(b) for b in batches)
+    rows = max(b.rows for b in batches)
     tokens = max(b.input_ids.shape[1] for b in batches) + prompt_length  # the prompt being evaluated
     # live activations of one layer, x3 for temporaries: (B, L, inner + 4 H) and the (B, heads, L, L) scores
     per_point = 3 * 4 * rows * tokens * (inner + 4 * hidden + heads * tokens)

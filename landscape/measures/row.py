@@ -68,9 +68,11 @@ class MetricsConfig:
 
 def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface: Surface | None,
             config: MetricsConfig, checkpoint: str = "", method: str = "", seed: int | None = None,
-            test_accuracy: float | None = None, input_surface: Surface | None = None) -> dict:
+            test_accuracy: float | None = None, input_surface: Surface | None = None,
+            test_metrics: dict[str, float] | None = None) -> dict:
     """One metrics row for a checkpoint: the surface's numbers and the estimators in config.which, on the first
-    config.examples (calibration: config.calibration_examples) examples of `split`."""
+    config.examples (calibration: config.calibration_examples) examples of `split`; test_metrics (the task's
+    metric from ptp.json, e.g. {"test_f1": 0.8}) go beside test_accuracy."""
     # float32 always: sharpness is a difference L(theta + delta) - L(theta) of order 1e-3, below bf16's resolution
     results, settings = {}, {**asdict(config), "dtype": "float32"}
     if "surface" in config.which and surface is not None:
@@ -89,7 +91,8 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
         extra["center_ece"] = center_ece(model, params, split.head(config.calibration_examples))
     if set(config.which) - {"surface", "calibration"}:
         results.update(_model_metrics(model, params, split, config))
-    return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, **results, **extra)
+    return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, test_metrics=test_metrics,
+                       **results, **extra)
 
 
 def surface_topology(surface: Surface | None, tau: float, prefix: str) -> dict:
@@ -147,7 +150,7 @@ def metrics_row(
     checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
     surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
     input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, settings: dict | None = None,
-    **extra,
+    test_metrics: dict[str, float] | None = None, **extra,
 ) -> dict:
     """One metrics.json row under DESIGN.md's key names.
 
@@ -156,7 +159,8 @@ def metrics_row(
     caller's settings (rho, sigma, eps, ...) plus the surface's radius/tau to row["settings"],
     so that the statistics (landscape.stats) treat neither as metrics.
     """
-    row: dict = {"checkpoint": checkpoint, "method": method, "seed": seed, "test_accuracy": test_accuracy}
+    row: dict = {"checkpoint": checkpoint, "method": method, "seed": seed, "test_accuracy": test_accuracy,
+                 **(test_metrics or {})}  # the task's metric (test_f1, test_mcc, ...): a target like test accuracy
     cost: dict = {}
     settings = dict(settings or {})
     if surface is not None:

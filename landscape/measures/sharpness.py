@@ -106,12 +106,16 @@ def input_space_closure(model, params: Params, batch) -> tuple[Callable[[Tensor]
     """(loss_fn_input, text_embeddings (B, T, D), text_mask (B, T)) for the input-space estimators.
 
     loss_fn_input(delta (B, T, D)) -> (B,) per-example losses of PromptModel.loss with delta added
-    to the text-token embeddings.
+    to the text-token embeddings. A multiple-choice example's K candidate rows form one input (B, K*T, D):
+    one ball per example, as its loss is one cross-entropy over the K candidates.
     """
-    def loss_fn_input(delta: Tensor) -> Tensor:
-        return model.loss(params, batch, input_perturbation=delta)  # (B,)
+    embeddings = model.embed(batch).detach()  # (R, T, D), R = B*K rows
+    width = embeddings.shape[-1]
 
-    return loss_fn_input, model.embed(batch).detach(), batch.text_mask
+    def loss_fn_input(delta: Tensor) -> Tensor:
+        return model.loss(params, batch, input_perturbation=delta.reshape(batch.rows, -1, width))  # (B,)
+
+    return loss_fn_input, embeddings.reshape(len(batch), -1, width), batch.text_mask.reshape(len(batch), -1)
 
 
 def _text_norms(text_embeddings: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:

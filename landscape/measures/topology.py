@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import gudhi
 import numpy as np
 
 from ptp_core.io import to_json
@@ -70,6 +69,8 @@ def sublevel_persistence(loss: np.ndarray) -> np.ndarray:
     grid run got. +-inf is refused too (gudhi's answer for a vertex that never enters is another
     infinite pair, not a basin).
     """
+    import gudhi  # an optional-weight compiled package (~0.2 s): loaded by the first surface's topology
+
     loss = np.asarray(loss, dtype=np.float64)
     if loss.ndim == 1:
         loss = loss[:, None]  # (nx, 1): a 1D surface is a line of vertices

@@ -1,0 +1,213 @@
+"""PTP inside a user's own Hugging Face setup: a PEFT prompt model seen as our PromptModel, and a Trainer with PTP.
+
+    model, params = from_peft(peft_model, tokenizer)        # in memory: landscapes right after trainer.train()
+    trainer = PTPTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=...,
+                         processing_class=tokenizer, method="ptp-adv", perturb=PerturbConfig(target="input"))
+
+Both run the PEFT model's own frozen base model (nothing is copied) through PromptModel's one loss, with the
+virtual tokens PEFT's prompt encoder produces and the head copy PEFT trains (modules_to_save) substituted.
+PTPTrainer's loss is ptp_core.perturb.ptp_loss: the clean pass and the one perturbed_loss our own loop
+differentiates (ptp_gradients), so Trainer's backward, gradient accumulation and loss scaling act on exactly our
+objective.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from ptp_core.backbones import Backbone, model_kind
+from ptp_core.data import DEFAULT_TEMPLATE
+from ptp_core.encoding import Batch
+from ptp_core.model import PromptModel, cross_entropy
+from ptp_core.perturb import PerturbConfig, ptp_loss
+from ptp_core.train import METHODS
+
+HEAD_BY_TASK_TYPE = {"SEQ_CLS": "classifier", "CAUSAL_LM": "verbalizer", "SEQ_2_SEQ_LM": "verbalizer"}
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")  # PEFT types whose virtual tokens are input embeddings
+LOGGED = ("clean_loss", "perturbed_loss", "reg_weight")
+
+
+def peft_prompt(peft_model: nn.Module) -> Tensor:
+    """(P, D) the virtual tokens PEFT prepends, in the autograd graph of PEFT's own parameters.
+
+    PROMPT_TUNING: the embedding table itself (a SEQ_2_SEQ_LM table keeps a second block that prompt tuning never
+    feeds to the encoder). P_TUNING (PromptEncoderConfig): the encoder's output, as PEFT's get_prompt computes it.
+    """
+    config = peft_model.active_peft_config
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type not in PROMPT_TYPES:
+        raise ValueError(f"a {peft_type} adapter has no input-level prompt; use PromptTuningConfig or "
+                         f"PromptEncoderConfig (P-tuning)")
+    count = config.num_virtual_tokens
+    if peft_type == "PROMPT_TUNING" or config.inference_mode:  # a loaded P-tuning adapter stores its output
+        return encoder.embedding.weight[:count]  # (P, D)
+    tokens = peft_model.prompt_tokens[peft_model.active_adapter].unsqueeze(0).to(encoder.embedding.weight.device)
+    return encoder(tokens)[0, :count]  # (P, D): the whole sequence goes in, as a bidirectional LSTM needs
+
+
+def _trained_task_model(peft_model: nn.Module) -> nn.Module:
+    """A shallow view of PEFT's base model whose head is the copy PEFT trains (modules_to_save); no weight copied."""
+    from peft.utils.other import ModulesToSaveWrapper  # an optional extra: only PEFT models reach this module
+
+    base = peft_model.get_base_model()
+    view = copy.copy(base)
+    view._modules = dict(base._modules)  # a new dict: PEFT's model keeps its wrappers
+    for name, child in base.named_children():
+        if isinstance(child, ModulesToSaveWrapper):
+            view._modules[name] = child.modules_to_save[child.active_adapters[0]]
+    nested = [name for name, module in view.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    if nested:
+        raise ValueError(f"modules_to_save below the task model's top level ({', '.join(nested)}) are not "
+                         f"supported; save whole heads (PEFT's SEQ_CLS default: classifier, score)")
+    return view
+
+
+def prompt_model(peft_model: nn.Module, tokenizer, head: str | None = None, label_words: list[str] | None = None,
+                 template: str | None = None, max_length: int = 128) -> PromptModel:
+    """Our PromptModel around a PeftModel's frozen base model (the head: PEFT's trained copy), holding no params."""
+    config = peft_model.active_peft_config
+    task_type = str(getattr(config.task_type, "value", config.task_type))
+    head = head or HEAD_BY_TASK_TYPE.get(task_type)
+    if head not in ("classifier", "verbalizer"):
+        raise ValueError(f"cannot tell the head of a PEFT {task_type} model; pass head='classifier' or 'verbalizer'")
+    if head == "verbalizer" and not label_words:
+        raise ValueError("a verbalizer head needs label_words=[...], one word per class")
+    task_model = _trained_task_model(peft_model)
+    name = getattr(task_model.config, "_name_or_path", "") or str(config.base_model_name_or_path)
+    backbone = Backbone(task_model, tokenizer, model_kind(task_model.config), name, name)
+    num_labels = task_model.config.num_labels if head == "classifier" else len(label_words)
+    default_template = DEFAULT_TEMPLATE if head == "verbalizer" else "{text}"
+    return PromptModel(backbone, head, num_labels, label_words, template or default_template, max_length)
+
+
+def peft_params(peft_model: nn.Module, model: PromptModel) -> dict[str, Tensor]:
+    """PromptModel params that ARE PEFT's tensors: gradients of our loss land on PEFT's parameters."""
+    heads = {f"{name}.{key}": value for name in model.head_names
+             for key, value in getattr(model.backbone, name).named_parameters()}
+    return {"prompt": peft_prompt(peft_model), **heads}
+
+
+def from_peft(peft_model: nn.Module, tokenizer, *, head: str | None = None, label_words: list[str] | None = None,
+              template: str | None = None, max_length: int = 128) -> tuple[PromptModel, dict[str, Tensor]]:
+    """Our PromptModel and its params from an in-memory PeftModel: PEFT's logits, our loss, landscapes, metrics.
+
+    head: default from PEFT's task_type (SEQ_CLS: classifier; CAUSAL_LM, SEQ_2_SEQ_LM: verbalizer, which needs
+    label_words). params: "prompt" (P, D) and, for a classifier, the trained head under HF's names, detached copies
+    (the returned model holds them as its defaults). For P-tuning (PromptEncoderConfig) the prompt is the encoder's output
+    computed once: landscapes then move that output, not the encoder's MLP or LSTM weights.
+    """
+    model = prompt_model(peft_model, tokenizer, head, label_words, template, max_length)
+    with torch.no_grad():
+        params = {key: value.detach().clone() for key, value in peft_params(peft_model, model).items()}
+    return model.with_params(params), params
+
+
+def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor]) -> Batch:
+    """Our Batch from a Trainer's tokenized inputs (input_ids, attention_mask, token_type_ids, labels (B,)).
+
+    The text mask (what input and text perturbations touch) is every attended non-special token: a template
+    baked into the user's tokenization is text here. The verbalizer reads at the mask token (masked LM) or at the
+    last attended token (causal LM), as PromptModel.encode places it.
+    """
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    if labels.dim() != 1:
+        raise ValueError(f"PTPTrainer needs one class index per example (labels of shape (B,)), got labels of "
+                         f"shape {tuple(labels.shape)}; map LM targets to class indices and pass label_words")
+    attention = inputs.get("attention_mask")
+    attention = torch.ones_like(input_ids) if attention is None else attention
+    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
+    text_mask = attention.bool() & ~torch.isin(input_ids, special)  # (B, T)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    if model.head == "verbalizer" and model.kind == "masked":
+        is_mask = input_ids == model.tokenizer.mask_token_id  # (B, T)
+        if not is_mask.any(1).all():
+            raise ValueError("a masked-LM verbalizer reads the mask token, but some inputs have none; put "
+                             f"{model.tokenizer.mask_token} in every input")
+        answer = is_mask.int().argmax(1)  # (B,) the first mask
+    else:
+        answer = (attention * positions).amax(1)  # (B,) the last attended token
+    return Batch(input_ids, attention, text_mask, answer, labels, inputs.get("token_type_ids"))
+
+
+def step_generator(seed: int, step: int, micro_step: int, process: int = 0) -> torch.Generator:
+    """The perturbation stream of one micro-batch: a CPU generator seeded from (seed, optimizer step, micro-batch
+    within the step, process), so a run repeats and no two micro-batches or processes share noise."""
+    key = hashlib.sha256(f"{seed}/{step}/{micro_step}/{process}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+class PTPTrainer(Trainer):
+    """transformers.Trainer on a PEFT prompt model with L = CE(clean) + lam CE(perturbed) (PTP, Chen et al. 2023).
+
+    method: pt | ptp-rn | ptp-adv; perturb: the perturbation and lam's warm-up and ramp, counted in optimizer steps
+    (the step being taken, 1-based, as in our loop). Noise is seeded per micro-batch from TrainingArguments.seed
+    (step_generator). clean_loss, perturbed_loss and reg_weight (lam) join Trainer's logs at logging steps, so
+    report_to receives them. Evaluation scores the clean loss and returns the class logits. The loss is the mean
+    over a micro-batch's examples and Trainer divides it by the accumulation steps (exact for equal micro-batches).
+    """
+
+    def __init__(self, *args, method: str = "pt", perturb: PerturbConfig | None = None,
+                 label_words: list[str] | None = None, tokenizer=None, **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        if tokenizer is not None:  # transformers 5 names it processing_class
+            kwargs.setdefault("processing_class", tokenizer)
+        super().__init__(*args, **kwargs)
+        if self.processing_class is None:
+            raise ValueError("PTPTrainer needs the tokenizer (processing_class=tokenizer): perturbations spare its "
+                             "special tokens")
+        self.method, self.perturb = method, perturb or PerturbConfig()
+        self.prompt_model = prompt_model(self.model, self.processing_class, label_words=label_words)
+        self.model_accepts_loss_kwargs = False  # an example mean per micro-batch: Trainer divides by the GA steps
+        self._noise_step, self._micro_step = -1, 0
+        self._sums: dict[str, list] = {}  # name -> [sum of detached values, count] since the last log
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None):
+        """PTP's training loss on Trainer's inputs (a scalar); with return_outputs (evaluation) the clean loss and
+        {"logits": (B, C)}. `model` may be wrapped (DDP, compile); PEFT's parameters are reached through self.model."""
+        batch = batch_from_inputs(self.prompt_model, inputs)
+        params = peft_params(self.model, self.prompt_model)
+        if return_outputs:
+            logits = self.prompt_model.logits(params, batch)  # (B, C)
+            return cross_entropy(logits, batch.labels).mean(), {"logits": logits}
+        step = self.state.global_step + 1
+        weight = self.perturb.weight_at(step) if self.method != "pt" else 0.0
+        if weight == 0:  # PT, or PTP in its warm-up: no perturbation is drawn, as in our loop
+            loss = self.prompt_model.loss(params, batch).mean()
+            self._record({"clean_loss": loss.detach()}, weight)
+            return loss
+        loss, parts = ptp_loss(self.prompt_model, params, batch, self.method, self.perturb,
+                               self.noise_generator(), weight)
+        self._record(parts, weight)
+        return loss
+
+    def noise_generator(self) -> torch.Generator:
+        """step_generator for the micro-batch being computed now (micro-batches are counted within each step)."""
+        if self._noise_step != self.state.global_step:
+            self._noise_step, self._micro_step = self.state.global_step, 0
+        generator = step_generator(self.args.seed, self.state.global_step + 1, self._micro_step,
+                                   self.args.process_index)
+        self._micro_step += 1
+        return generator
+
+    def _record(self, parts: dict[str, Tensor], weight: float) -> None:
+        if self.method == "pt":
+            parts = {k: v for k, v in parts.items() if k == "clean_loss"}
+        else:
+            parts = {**parts, "reg_weight": torch.tensor(weight)}
+        for name, value in parts.items():
+            total, count = self._sums.get(name, (0.0, 0))
+            self._sums[name] = [total + value.float(), count + 1]  # summed on the device: no sync per micro-batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log, with the means of clean_loss, perturbed_loss and reg_weight since the last training log."""
+        if "loss" in logs and self._sums:
+            logs = {**logs, **{name: float(total) / count for name, (total, count) in self._sums.items()}}
+            self._sums = {}
+        super().log(logs, start_time)

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ptp_core.encoding import Batch
 from ptp_core.model import PromptModel
+from ptp_core.text_perturb import REPLACEMENTS, hotflip, mask_text
 
 TARGETS = ("input", "prompt", "text")
 NOISES = ("gaussian", "uniform")
 BALL_NORMS = ("l2", "linf")
-REPLACEMENTS = ("mask", "unk", "pad")
 
 
 @dataclass
@@ -142,63 +142,6 @@ def random_start(batch: Batch, shape: tuple[int, ...], radius: Tensor, config: P
     return direction / _l2(direction).clamp_min(1e-12) * radius * config.adv_init
 
 
-def replacement_id(tokenizer, preferred: str) -> int:
-    """The id that masks a token: the preferred special token, else mask, unk, pad in that order."""
-    for name in (preferred, *REPLACEMENTS):
-        token_id = getattr(tokenizer, f"{name}_token_id", None)
-        if token_id is not None:
-            return token_id
-    raise ValueError("the tokenizer has no mask, unk or pad token to mask text with; use --target input")
-
-
-def perturbable(model: PromptModel, batch: Batch) -> Tensor:
-    """(B, T) bool: text tokens that are not special tokens; template and label words are never in the text."""
-    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=batch.input_ids.device)
-    return batch.text_mask & ~torch.isin(batch.input_ids, special)
-
-
-def with_ids(batch: Batch, input_ids: Tensor) -> Batch:
-    return replace(batch, input_ids=input_ids)
-
-
-def mask_text(model: PromptModel, batch: Batch, rate: float, replacement: str, generator: torch.Generator) -> Batch:
-    """A new Batch with each perturbable token replaced by the mask token with probability `rate`."""
-    chosen = (torch.rand(batch.input_ids.shape, generator=generator) < rate).to(batch.input_ids.device)
-    chosen &= perturbable(model, batch)
-    return with_ids(batch, batch.input_ids.masked_fill(chosen, replacement_id(model.tokenizer, replacement)))
-
-
-def hotflip(model: PromptModel, batch: Batch, gradient: Tensor, swaps: int, chunk: int = 256) -> Batch:
-    """A new Batch with up to `swaps` substitutions per input maximizing the first-order loss increase.
-
-    gradient: (B, T, D) dCE/d(input embeddings). Gain of putting token v at position t is
-    grad_t . (E_v - E_{x_t}) (Ebrahimi et al. 2018); only positive gains are taken, one per position.
-    """
-    table = model.backbone.get_input_embeddings().weight.detach()  # (V, D)
-    table = table[:min(table.shape[0], len(model.tokenizer))]
-    allowed = perturbable(model, batch)  # (B, T)
-    rows, cols = allowed.nonzero(as_tuple=True)
-    best_gain = torch.full(batch.input_ids.shape, -math.inf, device=gradient.device)  # (B, T)
-    best_token = batch.input_ids.clone()
-    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=gradient.device)
-    special = special[special < table.shape[0]]
-    for start in range(0, len(rows), chunk):  # (N, V) gains, a chunk of positions at a time
-        r, c = rows[start:start + chunk], cols[start:start + chunk]
-        g = gradient[r, c].to(table.dtype)  # (N, D)
-        gain = (g @ table.T).float() - (g * table[batch.input_ids[r, c]]).sum(-1, keepdim=True).float()  # (N, V)
-        gain[:, special] = -math.inf
-        gain[torch.arange(len(r), device=gain.device), batch.input_ids[r, c]] = -math.inf
-        value, token = gain.max(-1)
-        best_gain[r, c], best_token[r, c] = value, token
-    k = min(swaps, batch.input_ids.shape[1])
-    top_gain, top_pos = best_gain.topk(k, dim=1)  # (B, k)
-    take = top_gain > 0
-    ids = batch.input_ids.clone()
-    b = torch.arange(batch.rows, device=ids.device).unsqueeze(1).expand_as(top_pos)  # (B, k)
-    ids[b[take], top_pos[take]] = best_token[b[take], top_pos[take]]
-    return with_ids(batch, ids)
-
-
 def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
               generator: torch.Generator, clean_gradient: Tensor) -> Tensor:
     """(B, T, D) K-step PGD delta in each example's ball (Madry et al. 2018), from a random start.
@@ -219,30 +162,47 @@ def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, confi
     return delta.detach()
 
 
-def freelb_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-                generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
-    """FreeLB (Zhu et al. 2020): the mean CE over the K ascent steps as a tensor (its gradient is the average of
-    the K gradients) and the K deltas; each ascent differentiates the delta only, the params wait for backward."""
+def _freelb_ascent(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+                   generator: torch.Generator, param_gradients: bool) -> tuple[Tensor, list[Tensor] | None, list[Tensor]]:
+    """FreeLB's K ascent steps (Zhu et al. 2020): the mean CE over them and the K deltas.
+
+    param_gradients: each step's backward also gives the params' gradients, averaged and returned, the loss
+    detached (our loop: one backward a step); otherwise the loss keeps its graph for the caller's backward
+    (transformers.Trainer) and each step differentiates the delta only."""
     like = model.backbone.get_input_embeddings().weight
     radius = ball_radius(batch, config.epsilon, embedding_rms(model), model.embedding_dim, config.adv_norm)
     delta = random_start(batch, (*batch.input_ids.shape, model.embedding_dim), radius, config, generator, like)
-    total, deltas = 0.0, []
-    for step in range(config.adv_steps):
+    tensors, steps = list(params.values()), config.adv_steps
+    total, average, deltas = 0.0, [torch.zeros_like(p) for p in tensors], []
+    for step in range(steps):
         deltas.append(delta)
-        last = step == config.adv_steps - 1
-        loss = model.loss(params, batch, input_perturbation=delta if last else delta.requires_grad_(True)).mean()
-        total = total + loss / config.adv_steps
-        if not last:
+        ascend = step < steps - 1  # the last delta is only evaluated
+        loss = model.loss(params, batch, input_perturbation=delta.requires_grad_(ascend)).mean()
+        total = total + loss / steps
+        if param_gradients:
+            grads = torch.autograd.grad(loss, tensors + ([delta] if ascend else []))
+            average = [a + g / steps for a, g in zip(average, grads)]
+            gradient = grads[-1]
+        elif ascend:
             (gradient,) = torch.autograd.grad(loss, [delta], retain_graph=True)  # the graph stays for backward
+        if ascend:
             delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
-    return total, [d.detach() for d in deltas]
+    deltas = [d.detach() for d in deltas]
+    return (total.detach(), average, deltas) if param_gradients else (total, None, deltas)
+
+
+def freelb_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
+                generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+    """FreeLB: the mean CE over the K ascent steps as a tensor (its gradient is the average of the K gradients)
+    and the K deltas."""
+    loss, _, deltas = _freelb_ascent(model, params, batch, config, generator, param_gradients=False)
+    return loss, deltas
 
 
 def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
                  generator: torch.Generator) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """FreeLB (Zhu et al. 2020): mean CE and params' gradients averaged over the K ascent steps, and the K deltas."""
-    loss, deltas = freelb_loss(model, params, batch, config, generator)
-    return loss.detach(), list(torch.autograd.grad(loss, list(params.values()))), deltas
+    """FreeLB: mean CE and params' gradients averaged over the K ascent steps, and the K deltas."""
+    return _freelb_ascent(model, params, batch, config, generator, param_gradients=True)
 
 
 def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
@@ -334,9 +294,13 @@ def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, m
     names = list(params)
     grads = torch.autograd.grad(clean, [*params.values(), *([zero] if zero is not None else [])])
     input_gradient = grads[len(names)] if zero is not None else None
-    perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient,
-                               grads[names.index("prompt")])
-    for p, g_clean, g_perturbed in zip(params.values(), grads, torch.autograd.grad(perturbed, list(params.values()))):
+    if method == "ptp-adv" and config.target == "input" and config.adv_free:  # its steps give their gradients
+        perturbed, perturbed_grads, _ = freelb_input(model, params, batch, config, generator)
+    else:
+        perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient,
+                                   grads[names.index("prompt")])
+        perturbed_grads = torch.autograd.grad(perturbed, list(params.values()))
+    for p, g_clean, g_perturbed in zip(params.values(), grads, perturbed_grads):
         g = g_clean + weight * g_perturbed
         p.grad = g if p.grad is None else p.grad + g
     clean, perturbed = clean.item(), perturbed.item()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptp_core import perturb
+from ptp_core import perturb, text_perturb
 from ptp_core.checkpoint import load_checkpoint
 from ptp_core.perturb import PerturbConfig, ptp_gradients
 from ptp_core.train import TrainConfig, train
@@ -93,13 +93,13 @@ def test_pgd_stays_in_its_ball_and_raises_the_loss(model, batch, norm):
 
 def test_masking_touches_only_text_tokens(model, batch):
     for rate in (0.5, 1.0):
-        masked = perturb.mask_text(model, batch, rate, "mask", _generator())
-        protected = perturb.perturbable(model, batch).logical_not()
+        masked = text_perturb.mask_text(model, batch, rate, "mask", _generator())
+        protected = text_perturb.perturbable(model, batch).logical_not()
         assert torch.equal(masked.input_ids[protected], batch.input_ids[protected])
         changed = masked.input_ids != batch.input_ids
         assert changed.any() and (changed <= batch.text_mask).all()
-    replacement = perturb.replacement_id(model.tokenizer, "mask")
-    assert (masked.input_ids[perturb.perturbable(model, batch)] == replacement).all()  # rate 1 masks every word
+    replacement = text_perturb.replacement_id(model.tokenizer, "mask")
+    assert (masked.input_ids[text_perturb.perturbable(model, batch)] == replacement).all()  # rate 1 masks every word
     assert torch.equal(masked.attention_mask, batch.attention_mask) and torch.equal(masked.labels, batch.labels)
 
 
@@ -107,9 +107,9 @@ def test_hotflip_swaps_are_the_best_first_order_gains_on_text_tokens(model, batc
     params = {k: v.detach() for k, v in model.params.items()}
     zero = torch.zeros((*batch.input_ids.shape, model.embedding_dim), requires_grad=True)
     (gradient,) = torch.autograd.grad(model.loss(params, batch, input_perturbation=zero).mean(), [zero])
-    flipped = perturb.hotflip(model, batch, gradient, swaps=2)
+    flipped = text_perturb.hotflip(model, batch, gradient, swaps=2)
     changed = flipped.input_ids != batch.input_ids
-    assert changed.any() and (changed <= perturb.perturbable(model, batch)).all()
+    assert changed.any() and (changed <= text_perturb.perturbable(model, batch)).all()
     assert (changed.sum(1) <= 2).all()
     table = model.backbone.get_input_embeddings().weight.detach()
     special = set(model.tokenizer.all_special_ids)

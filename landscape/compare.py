@@ -152,15 +152,14 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
         raise ValueError("no checkpoints to compare; give checkpoint directories or folders of them")
     if unknown := [s for s in spaces if s not in SPACES]:
         raise ValueError(f"unknown space {unknown[0]!r}; use prompt, input or both")
+    device = resolve_device(device)
+    spec = spec.for_device(device)
     specs = {space: replace(spec, space=space, directions="gradient" if space == "input" else spec.directions)
              for space in spaces}  # input space has per-example gradient directions only
     loaded = [load_checkpoint(p) for p in checkpoints]
     tasks = _tasks(loaded)  # every task loads before anything is written
     pairs = _seed_pairs(loaded) if connect is not None else []
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
-    device = resolve_device(device)
-    spec = spec.for_device(device)
-    specs = {space: s.for_device(device) for space, s in specs.items()}
     clock = Clock(report, len(groups) * len(spaces) * spec.shape[0] * spec.shape[1], len(groups)) if report else None
     models = {}  # one backbone per model (checkpoints differ only in their params), all loaded before any writing
     for group in groups:

@@ -34,37 +34,6 @@ def template_slots(template: str) -> list[str]:
     return SLOT.findall(template)
 
 
-# ---- a single text: the template around {text} ------------------------------------------------------
-
-def render(tokenizer, text: str, template: str, head: str, kind: str) -> tuple[str, int]:
-    """Apply the template; return the string and the character offset where the text starts."""
-    if head == "classifier" or kind == "seq2seq":  # seq2seq: the decoder writes the answer
-        template = template.replace("{mask}", "").rstrip()
-    elif kind == "causal":
-        template = template.split("{mask}")[0].rstrip()  # the answer is the next token
-    else:
-        template = template.replace("{mask}", tokenizer.mask_token)
-    prefix = template.split("{text}")[0]
-    return template.replace("{text}", text, 1), len(prefix)
-
-
-def text_row(tokenizer, text: str, template: str, head: str, kind: str, max_length: int) -> Row:
-    """Token ids, text mask and answer position of one text, the text (never the template) cut to fit."""
-    for _ in range(3):  # truncate the text (never the template) until the sequence fits
-        rendered, start = render(tokenizer, text, template, head, kind)
-        end = start + len(text)
-        encoded = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        text_mask = [s >= start and e <= end and e > s for s, e in offsets]
-        excess = len(ids) - max_length
-        if excess <= 0:
-            break
-        text_positions = [i for i, m in enumerate(text_mask) if m]
-        keep = max(1, len(text_positions) - excess)
-        text = text[:offsets[text_positions[keep - 1]][1] - start]
-    return Row(ids, text_mask, _answer(tokenizer, ids, text_mask, head, kind))
-
-
 def _answer(tokenizer, ids: list[int], text_mask: list[bool], head: str, kind: str) -> int:
     if head == "verbalizer" and kind == "masked":
         return max(i for i, t in enumerate(ids) if t == tokenizer.mask_token_id and not text_mask[i])
@@ -160,17 +129,24 @@ def template_row(tokenizer, values: dict[str, str], template: str, head: str, ki
     return Row(ids, text_mask, len(ids) - 1), offsets, positions
 
 
+# ---- a single text: the field `text` ----------------------------------------------------------------
+
+def render(tokenizer, text: str, template: str, head: str, kind: str) -> tuple[str, int]:
+    """The template filled with one text, as this head reads it; the string and where the text starts."""
+    filled, spans = fill(adapt_template(template, head, kind, multiple_choice=False),
+                         {"text": text, "mask": tokenizer.mask_token or ""})
+    return filled, spans["text"][0]
+
+
 # ---- one example -> its rows ------------------------------------------------------------------------------
 
 def example_rows(tokenizer, example, template: str, head: str, kind: str, max_length: int) -> list[Row]:
     """One row, or K rows for an example with K candidates (label = the index of the right one)."""
-    if isinstance(example, str):
-        return [text_row(tokenizer, example, template, head, kind, max_length)]
-    values = field_values(example)
+    values = {"text": example} if isinstance(example, str) else field_values(example)
     if not values:
         raise ValueError(f"example {example!r} has no text field")
-    pair = head == "classifier" and kind != "seq2seq"
-    if CHOICES not in example:
+    pair = head == "classifier" and kind != "seq2seq" and not isinstance(example, str)
+    if isinstance(example, str) or CHOICES not in example:
         if pair:
             first, *rest = values.values()
             return [pair_row(tokenizer, first, " ".join(rest) if rest else None, max_length)]

@@ -1,7 +1,7 @@
 """PEFT-compatible checkpoint directories, written atomically.
 
-    adapter_config.json        PEFT PROMPT_TUNING config
-    adapter_model.safetensors  prompt_embeddings (P, D) [+ base_model.<head>.* for SEQ_CLS]
+    adapter_config.json        PEFT PROMPT_TUNING config (deep prompts: PREFIX_TUNING)
+    adapter_model.safetensors  prompt_embeddings (P, D), deep (P, L*2*H*d) [+ base_model.<head>.* for SEQ_CLS]
     ptp.json                   method, hyperparameters, seed, task, template, label words, metrics, versions
     trajectory.safetensors     prompt snapshots (S, P, D) and their steps (S,)
 """
@@ -21,6 +21,7 @@ from ptp_core.backbones import load_backbone, resolve, resolve_device
 from ptp_core.data import DEFAULT_TEMPLATE, Task, load_task
 from ptp_core.io import atomic_folder, file_mode, to_json, write_json, write_text
 from ptp_core.model import PromptModel
+from ptp_core.prefix import prefix_shape
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 META, TRAJECTORY, LOG = "ptp.json", "trajectory.safetensors", "metrics.jsonl"
@@ -41,18 +42,24 @@ def _peft_task_type(meta: dict) -> str:
 
 
 def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) -> dict:
+    """PEFT's adapter_config.json: PROMPT_TUNING, or PREFIX_TUNING for a deep prompt (sized by the key/value
+    heads, as PEFT sizes it: token_dim = H_kv * head_dim, num_attention_heads = H_kv)."""
     prompt = params["prompt"]
     head_modules = sorted({k.split(".")[0] for k in params if k != "prompt"})
-    return {
-        "peft_type": "PROMPT_TUNING", "task_type": _peft_task_type(meta),
-        "num_virtual_tokens": prompt.shape[0], "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
-        "num_attention_heads": getattr(backbone_config, "num_attention_heads", None),
-        "num_layers": getattr(backbone_config, "num_hidden_layers", None),
-        "base_model_name_or_path": meta.get("model_path", meta.get("model")),
-        "modules_to_save": head_modules or None, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
-        "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "inference_mode": True, "revision": None,
-        "auto_mapping": None,
+    common = {
+        "task_type": _peft_task_type(meta), "num_virtual_tokens": prompt.shape[0], "num_transformer_submodules": 1,
+        "base_model_name_or_path": meta.get("model_path", meta.get("model")), "modules_to_save": head_modules or None,
+        "inference_mode": True, "revision": None, "auto_mapping": None,
     }
+    if meta.get("prompt_type") == "deep":
+        shape = prefix_shape(backbone_config)
+        return {"peft_type": "PREFIX_TUNING", **common, "token_dim": shape.token_dim, "num_layers": shape.layers,
+                "num_attention_heads": shape.heads, "encoder_hidden_size": shape.token_dim,
+                "prefix_projection": False}  # the projection, if trained with one, is folded into the prefix
+    return {"peft_type": "PROMPT_TUNING", **common, "token_dim": prompt.shape[1],
+            "num_attention_heads": getattr(backbone_config, "num_attention_heads", None),
+            "num_layers": getattr(backbone_config, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
 
 
 def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, trajectory: dict[str, Tensor] | None = None,
@@ -95,6 +102,12 @@ class Checkpoint:
         """params_hash of the trained tensors: names surfaces computed for exactly this checkpoint."""
         return params_hash(self.params)
 
+    @property
+    def prompt_type(self) -> str:
+        """shallow (input-level virtual tokens) or deep (per-layer prefix keys and values)."""
+        return self.meta.get("prompt_type") or ("deep" if self.adapter.get("peft_type") == "PREFIX_TUNING"
+                                                else "shallow")
+
     def task(self, name: str | None = None) -> Task:
         """The task named in ptp.json (or `name`), with the label words and label names the prompt was trained with."""
         own = name in (None, self.meta.get("task"))  # the file columns and few-shot subset it was trained with
@@ -125,12 +138,14 @@ class Checkpoint:
         choices = meta.get("choices") or 0  # K candidates of a multiple-choice task
         backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation,
                                  choices)
-        if backbone.embedding_dim != self.params["prompt"].shape[1]:
-            raise ValueError(f"checkpoint {self.path} has token_dim {self.params['prompt'].shape[1]} but model "
-                             f"{meta['model']!r} has {backbone.embedding_dim}; use the model it was trained on")
         default_template = DEFAULT_TEMPLATE if meta["head"] == "verbalizer" else "{text}"
         model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default_template,
-                            meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()}, choices)
+                            meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()}, choices,
+                            self.prompt_type)
+        if model.prompt_width != self.params["prompt"].shape[1]:
+            raise ValueError(f"checkpoint {self.path} has a {self.prompt_type} prompt of width "
+                             f"{self.params['prompt'].shape[1]} but model {meta['model']!r} needs "
+                             f"{model.prompt_width}; use the model it was trained on")
         _check_head(self, model.head_params(), count)
         model.check_length(self.params["prompt"].shape[0], 1)
         return model
@@ -206,8 +221,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} has no {name}; it is not a prompt-tuning checkpoint")
     adapter = _read_json(path / ADAPTER_CONFIG)
-    if adapter.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(f"{path} holds a {adapter.get('peft_type')} adapter; only PROMPT_TUNING is supported")
+    if adapter.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise ValueError(f"{path} holds a {adapter.get('peft_type')} adapter; PROMPT_TUNING and PREFIX_TUNING "
+                         "can be read")
     tensors = _read_tensors(path / ADAPTER_WEIGHTS)
     if PROMPT_KEY not in tensors:
         raise ValueError(f"{path / ADAPTER_WEIGHTS} has no {PROMPT_KEY}; re-save the checkpoint")
@@ -225,7 +241,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if task_type not in READABLE_TASK_TYPES:
             raise ValueError(f"{path} is a PEFT {task_type} checkpoint; {', '.join(READABLE_TASK_TYPES)} can be read")
         head, kind = READABLE_TASK_TYPES[task_type]
-        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None, "head": head, "kind": kind}
+        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None, "head": head, "kind": kind,
+                "prompt_type": "deep" if adapter["peft_type"] == "PREFIX_TUNING" else "shallow"}
     for key in ("model", "head"):
         if key not in meta:
             raise ValueError(f"{path / META} lacks {key!r}; re-save the checkpoint")

@@ -17,55 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ptp_core import encoding
+from ptp_core import encoding, prefix
 from ptp_core.backbones import Backbone, max_positions
 from ptp_core.encoding import Batch
+from ptp_core.heads import Replay, head_module_names, head_view, slice_output, target_log_probs
+from ptp_core.prefix import PROMPT_TYPES
 from ptp_core.templates import IGNORE
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
 HEAD_INIT_STD = 0.02  # transformers' default initializer_range
 VOCAB_INIT_TOP = 5000  # Lester et al. 2021 sample init tokens from the 5k most common ids
-
-
-class _Replay(nn.Module):
-    """Stands in for the backbone inside a head view: returns the backbone output it was handed.
-
-    The task model's own forward (pooler, pre_classifier, ClassificationHead, ContextPooler, score, LM head)
-    then runs on hidden states computed once for all G stacked prompts; no head is re-implemented here.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.output = None
-
-    def forward(self, *args, **kwargs):
-        return self.output
-
-
-def head_module_names(model: nn.Module) -> list[str]:
-    """What the task model adds on top of its backbone and a classifier trains: classifier, score, pre_classifier..."""
-    return [name for name, module in model.named_children()
-            if name != model.base_model_prefix and any(True for _ in module.parameters())]
-
-
-def _head_view(model: nn.Module, replay: _Replay) -> nn.Module:
-    """A shallow copy of the task model whose backbone is `replay` (parameters shared, nothing copied)."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)  # a new dict: the original keeps its backbone
-    view._modules[model.base_model_prefix] = replay
-    return view
-
-
-def _slice_output(output, start: int, stop: int):
-    """The rows start:stop of every tensor in an HF model output."""
-    return type(output)(**{k: v[start:stop] if isinstance(v, Tensor) else v for k, v in output.items()})
-
-
-def _target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
-    """(N,) the sum over positions of log p(target) from logits (N, T, V), IGNORE targets left out."""
-    scored = targets != IGNORE  # (N, T)
-    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (log_probs * scored).sum(-1)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -80,7 +41,7 @@ class PromptModel(nn.Module):
 
     def __init__(self, backbone: Backbone, head: str, num_labels: int, label_words: list[str] | None = None,
                  template: str = "{text}", max_length: int = 128, params: dict[str, Tensor] | None = None,
-                 choices: int = 0):
+                 choices: int = 0, prompt_type: str = "shallow"):
         super().__init__()
         self.backbone = backbone.model
         self.tokenizer = backbone.tokenizer
@@ -90,9 +51,16 @@ class PromptModel(nn.Module):
         self.template, self.max_length = template, max_length
         self.label_words = list(label_words or [])
         self.max_positions = max_positions(self.backbone)
-        replay = _Replay()
+        if prompt_type not in PROMPT_TYPES:
+            raise ValueError(f"unknown prompt type {prompt_type!r}; use one of {', '.join(PROMPT_TYPES)}")
+        self.prompt_type = prompt_type
+        # deep: the prompt is PEFT's prefix (P, L*2*H*d), keys and values inside every attention layer
+        self.prefix_shape = prefix.prefix_shape(self.backbone.config) if prompt_type == "deep" else None
+        if self.prefix_shape is not None:
+            prefix.install(self.backbone, self.kind)
+        replay = Replay()
         # kept out of the module tree: its parameters are the backbone's own, moved and frozen with it
-        self.__dict__["_head_view"] = _head_view(self.backbone, replay)
+        self.__dict__["_head_view"] = head_view(self.backbone, replay)
         self.__dict__["_replay"] = replay
         if head == "classifier":
             self.head_names = head_module_names(self.backbone)
@@ -122,6 +90,17 @@ class PromptModel(nn.Module):
         return self.backbone.get_input_embeddings().weight.shape[1]
 
     @property
+    def prompt_width(self) -> int:
+        """Columns of the prompt: D (shallow), or L*2*H*d (deep: every layer's key and value per virtual token)."""
+        return self.embedding_dim if self.prefix_shape is None else self.prefix_shape.width
+
+    @property
+    def prompt_blocks(self) -> int:
+        """Equal column blocks of a prompt row that are scaled on their own: 1 (shallow), or L*2 (deep: one key and
+        one value block per layer)."""
+        return 1 if self.prefix_shape is None else 2 * self.prefix_shape.layers
+
+    @property
     def params(self) -> MappingProxyType:
         """The tensors this model was built with (a checkpoint's), used by predict when none are passed."""
         return self._params
@@ -142,7 +121,7 @@ class PromptModel(nn.Module):
 
         SDPA is fine: the Hessian code builds its graph under SDPA's math backend; eager attention is plain ops.
         """
-        implementation = getattr(self.backbone.config, "_attn_implementation", None) or "eager"
+        implementation = prefix.base_implementation(self.backbone.config)
         if implementation not in ("eager", "sdpa"):
             raise ValueError(f"{implementation} attention has no second derivative, which Hessian metrics and "
                              f"directions need; load the model with attn_implementation='sdpa' or 'eager'")
@@ -173,8 +152,7 @@ class PromptModel(nn.Module):
         if self.kind == "seq2seq":
             logits = self._seq2seq_logits(full, attention, batch, groups)  # (G, R, C) or (G, R)
         else:
-            hidden = self.backbone.base_model(inputs_embeds=full, attention_mask=attention,
-                                              **self._segments(batch, length, groups))
+            hidden = self._encode(prompt, full, attention, groups, **self._segments(batch, length, groups))
             if batch.choices and self.head == "verbalizer":
                 logits = self._candidate_scores(head_params, hidden, batch, length, groups)  # (G, R)
             else:
@@ -191,9 +169,19 @@ class PromptModel(nn.Module):
             logits = logits.reshape(groups, len(batch), batch.choices)  # (G, B, K): one score per candidate row
         return logits if stacked else logits.squeeze(0)
 
+    def _encode(self, prompt: Tensor, full: Tensor, attention: Tensor, groups: int, **segments):
+        """The backbone's hidden states; a deep prompt enters every attention layer, text positions after it."""
+        if self.prefix_shape is None:
+            return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, **segments)
+        positions = prefix.text_positions(self.backbone, prompt.shape[-2], full.shape[1], full.device)  # (1, T)
+        with prefix.prefix(prompt, self.prefix_shape, full.shape[0] // groups):
+            return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, position_ids=positions,
+                                            **segments)
+
     def _inputs(self, prompt: Tensor, batch: Batch, input_perturbation: Tensor | None
                 ) -> tuple[Tensor, Tensor, int, int]:
-        """Virtual tokens before every row: embeddings (G*R, P+T, D), attention mask (G*R, P+T), G and P."""
+        """Virtual tokens before every row: embeddings (G*R, P+T, D), attention mask (G*R, P+T), G and P.
+        A deep prompt is not in the sequence (it enters the attention layers): (G*R, T, D), (G*R, T), G and 0."""
         prompt = prompt if prompt.dim() == 3 else prompt.unsqueeze(0)  # (G, P, D)
         embeds = self.embed(batch).unsqueeze(0)  # (1, R, T, D)
         if input_perturbation is not None:
@@ -202,13 +190,16 @@ class PromptModel(nn.Module):
             embeds = embeds + (delta * mask).to(embeds.dtype)  # (Ge, R, T, D): Ge input perturbations
         groups = max(prompt.shape[0], embeds.shape[0])
         size, width = batch.input_ids.shape
+        encoding.check_length(prompt.shape[1], width, self.max_positions, self.model_name)
+        if self.prefix_shape is not None:
+            full = embeds.expand(groups, -1, -1, -1).reshape(groups * size, width, -1)  # (G*R, T, D)
+            return full, batch.attention_mask.repeat(groups, 1), groups, 0
         prompt = prompt.to(embeds.dtype).unsqueeze(1).expand(groups, size, -1, -1)  # (G, R, P, D)
         embeds = embeds.expand(groups, -1, -1, -1)  # (G, R, T, D)
         length = prompt.shape[2]
         full = torch.cat([prompt, embeds], dim=2).reshape(groups * size, length + width, -1)  # (G*R, P+T, D)
         ones = batch.attention_mask.new_ones(size, length)
         attention = torch.cat([ones, batch.attention_mask], dim=1).repeat(groups, 1)  # (G*R, P+T)
-        encoding.check_length(length, width, self.max_positions, self.model_name)
         return full, attention, groups, length
 
     @staticmethod
@@ -231,7 +222,7 @@ class PromptModel(nn.Module):
         pad = self.backbone.config.pad_token_id or 0
         decoder_ids = torch.cat([start, targets[:, :-1].masked_fill(targets[:, :-1] == IGNORE, pad)], dim=1)
         out = self.backbone(inputs_embeds=full, attention_mask=attention, decoder_input_ids=decoder_ids)
-        return _target_log_probs(out.logits, targets).reshape(groups, batch.rows)  # (G, R)
+        return target_log_probs(out.logits, targets).reshape(groups, batch.rows)  # (G, R)
 
     def _candidate_scores(self, head_params: dict[str, Tensor], hidden, batch: Batch, length: int,
                           groups: int) -> Tensor:
@@ -256,7 +247,7 @@ class PromptModel(nn.Module):
         if not stacked:
             return self._head_logits(head_params, hidden).reshape(groups, size, -1)  # (G, B, C)
         parts = [self._head_logits({k: v[g] if v.dim() == shapes[k] + 1 else v for k, v in head_params.items()},
-                                   _slice_output(hidden, g * size, (g + 1) * size)) for g in range(groups)]
+                                   slice_output(hidden, g * size, (g + 1) * size)) for g in range(groups)]
         return torch.stack(parts)  # (G, B, C)
 
     def _head_logits(self, head_params: dict[str, Tensor], hidden, every_word: bool = False) -> Tensor:
@@ -313,10 +304,28 @@ class PromptModel(nn.Module):
             raise ValueError(f"unknown prompt init {init!r}; use one of {', '.join(PROMPT_INITS)}")
         return table[ids].clone()
 
+    @torch.no_grad()
+    def deep_from_shallow(self, prompt: Tensor) -> Tensor:
+        """(P, L*2*H*d) the keys and values every layer computes for the virtual tokens `prompt` (P, D) on their
+        own, at their shallow positions: the deep prompt a decoder reads exactly as it reads the shallow one (causal
+        attention: virtual tokens never see the text). The deep prompt's init (any shallow init, mapped)."""
+        if self.prefix_shape is None:
+            raise ValueError("deep_from_shallow needs a model built with prompt_type='deep'")
+        embeds = prompt.to(self.device, self.backbone.get_input_embeddings().weight.dtype).unsqueeze(0)  # (1, P, D)
+        positions = prefix.text_positions(self.backbone, 0, prompt.shape[0], self.device)  # (1, P)
+        ones = torch.ones(1, prompt.shape[0], dtype=torch.long, device=self.device)
+        with prefix.record() as layers:
+            self.backbone.base_model(inputs_embeds=embeds, attention_mask=ones, position_ids=positions)
+        keys_values = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # (L, 2, H, P, d)
+        return prefix.join_layers(keys_values.float())
+
     def init_params(self, length: int, init: str, generator: torch.Generator, text: str = "") -> dict[str, Tensor]:
-        """Trainable tensors: the prompt and, for the classifier head, a freshly seeded head."""
+        """Trainable tensors: the prompt (deep: the keys and values of the shallow init) and, for the classifier
+        head, a freshly seeded head."""
         self.check_length(length)
         params = {"prompt": self.init_prompt(length, init, generator, text)}
+        if self.prefix_shape is not None:
+            params["prompt"] = self.deep_from_shallow(params["prompt"]).cpu()
         for name, value in self.head_params().items():
             # HF's init of linear and norm layers at its default initializer_range: N(0, 0.02) matrices, zero biases,
             # unit norm scales (a fixed 0.02, not the config's: tiny test models inflate theirs for their body only)

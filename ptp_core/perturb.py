@@ -8,6 +8,8 @@ adversarial (`ptp-adv`) and lives in one of three spaces (`target`):
 Every perturbation is a new tensor or a new Batch passed to the one loss; no weight is mutated.
 Scales are relative to the RMS of the embedding table, so one value works across models:
 a ball of relative radius eps holds perturbations whose RMS per coordinate is at most eps * RMS(E).
+A deep prompt (keys and values in every layer) has no embedding scale: its `prompt` perturbations are relative to
+each layer's own keys' and values' RMS in the prompt (prompt_unit), so no layer's prefix is drowned or untouched.
 """
 from __future__ import annotations
 
@@ -93,11 +95,21 @@ def embedding_rms(model: PromptModel) -> float:
     return _RMS[embeddings]
 
 
+def prompt_unit(model: PromptModel, prompt: Tensor) -> float | Tensor:
+    """The unit of prompt perturbations: RMS(E) for a shallow prompt; for a deep prompt (P, W) the RMS of each
+    layer's keys and of its values over the P virtual tokens, (W,) (constant within each of the 2L blocks)."""
+    if model.prefix_shape is None:
+        return embedding_rms(model)
+    blocks = prompt.detach().float().reshape(prompt.shape[0], model.prompt_blocks, -1)  # (P, 2L, H*d)
+    rms = blocks.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-12)  # (2L,)
+    return rms.repeat_interleave(blocks.shape[2]).to(prompt.dtype)  # (W,)
+
+
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-def random_noise(shape: tuple[int, ...], rms: float, noise: str, generator: torch.Generator, like: Tensor) -> Tensor:
+def random_noise(shape: tuple[int, ...], rms: float | Tensor, noise: str, generator: torch.Generator, like: Tensor) -> Tensor:
     """Noise of the given RMS per coordinate: Gaussian N(0, rms^2) or uniform on [-sqrt(3) rms, sqrt(3) rms]."""
     if noise == "gaussian":
         return _randn(shape, generator, like) * rms
@@ -207,21 +219,25 @@ def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, co
 
 def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
                clean_gradient: Tensor) -> Tensor:
-    """(P, D) worst-case prompt offset in the rho-ball: SAM's e = rho g/|g| (Foret et al. 2021), K-step PGD."""
+    """(P, D) worst-case prompt offset in the rho-ball: SAM's e = rho g/|g| (Foret et al. 2021), K-step PGD.
+
+    The ball is in units of prompt_unit: offset = unit * z with z in the ball of per-coordinate RMS rho, so z's
+    gradient is unit * g (for a shallow prompt the unit is one number and this is SAM's ball of RMS rho * RMS(E))."""
     prompt = params["prompt"].detach()
-    # L2: the ball of per-coordinate RMS rho * RMS(E) has radius rho * RMS(E) * sqrt(P * D); L-inf bounds each
-    # coordinate by rho * RMS(E) itself (the same convention as ball_radius for the input)
+    unit = prompt_unit(model, prompt)
+    # L2: the ball of per-coordinate RMS rho has radius rho * sqrt(P * D); L-inf bounds each coordinate by rho
+    # itself (the same convention as ball_radius for the input)
     scale = math.sqrt(prompt.numel()) if config.adv_norm == "l2" else 1.0
-    radius = torch.full((1, 1, 1), config.rho * embedding_rms(model) * scale, device=prompt.device)
-    offset = ascent_step(torch.zeros_like(prompt)[None], clean_gradient[None], radius, config.adv_step_size,
-                         config.adv_norm)  # (1, P, D)
+    radius = torch.full((1, 1, 1), config.rho * scale, device=prompt.device)
+    z = ascent_step(torch.zeros_like(prompt)[None], (clean_gradient * unit)[None], radius, config.adv_step_size,
+                    config.adv_norm)  # (1, P, D)
     frozen = {k: v.detach() for k, v in params.items()}
     for _ in range(config.adv_steps - 1):
-        offset.requires_grad_(True)
-        loss = model.loss({**frozen, "prompt": prompt + offset[0]}, batch).mean()
-        (gradient,) = torch.autograd.grad(loss, [offset])
-        offset = ascent_step(offset.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
-    return offset[0].detach()
+        z.requires_grad_(True)
+        loss = model.loss({**frozen, "prompt": prompt + unit * z[0]}, batch).mean()
+        (gradient,) = torch.autograd.grad(loss, [z])
+        z = ascent_step(z.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
+    return (unit * z[0]).detach()
 
 
 def perturbed_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str, config: PerturbConfig,
@@ -243,8 +259,8 @@ def perturbed_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, 
     if config.target == "prompt":
         prompt = params["prompt"]
         offset = (sam_prompt(model, params, batch, config, prompt_gradient) if adversarial else
-                  random_noise(tuple(prompt.shape), config.sigma * embedding_rms(model), config.noise, generator,
-                               prompt))
+                  random_noise(tuple(prompt.shape), config.sigma * prompt_unit(model, prompt), config.noise,
+                               generator, prompt))
         return model.loss({**params, "prompt": prompt + offset}, batch).mean()
     inputs = (hotflip(model, batch, input_gradient, config.swaps) if adversarial else
               mask_text(model, batch, config.mask_rate, config.replacement, generator))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import WORDS, make_tokenizer, toy_rows
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
@@ -93,3 +94,134 @@ def test_shallow_prompt_equals_the_deep_prompt_built_from_it_on_decoders(family,
     deep_params = {**params, "prompt": deep.deep_from_shallow(params["prompt"])}
     assert deep_params["prompt"].shape == (3, deep.prompt_width)
     assert (shallow.predict(TEXTS, params) - deep.predict(TEXTS, deep_params)).abs().max() < 1e-5
+
+
+def reference_encoder_logits(model, prompt: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """(N, C) a BERT-like classifier's logits with the prefix written out: each layer's keys and values are the
+    prefix's concatenated before the text's, the mask lets every text position see the prefix, positions start
+    after it (RoBERTa's after its padding offset). Float64, the HF modules called one by one."""
+    task_model = model.backbone
+    base, config = task_model.base_model, task_model.config
+    batch = model.encode(texts)
+    rows, width = batch.input_ids.shape
+    length, heads = prompt.shape[0], config.num_attention_heads
+    dim = config.hidden_size // heads
+    layers = prompt.reshape(length, config.num_hidden_layers, 2, heads, dim)
+    start = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    hidden = base.embeddings(input_ids=batch.input_ids, position_ids=torch.arange(width)[None] + start + length)
+    keep = torch.cat([torch.ones(rows, length, dtype=torch.bool), batch.attention_mask.bool()], 1)  # (N, P+T)
+    for index, layer in enumerate(base.encoder.layer):
+        attention = layer.attention.self
+
+        def split(x):
+            return x.view(rows, -1, heads, dim).transpose(1, 2)  # (N, H, T, d)
+
+        prefix_keys = layers[:, index, 0].permute(1, 0, 2).expand(rows, -1, -1, -1)  # (N, H, P, d)
+        prefix_values = layers[:, index, 1].permute(1, 0, 2).expand(rows, -1, -1, -1)
+        keys = torch.cat([prefix_keys, split(attention.key(hidden))], 2)
+        values = torch.cat([prefix_values, split(attention.value(hidden))], 2)
+        scores = split(attention.query(hidden)) @ keys.transpose(-1, -2) / dim ** 0.5  # (N, H, T, P+T)
+        weights = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+        context = (weights @ values).transpose(1, 2).reshape(rows, width, -1)
+        attended = layer.attention.output(context, hidden)
+        hidden = layer.output(layer.intermediate(attended), attended)
+    if config.model_type == "roberta":
+        return task_model.classifier(hidden)
+    return task_model.classifier(base.pooler(hidden))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_deep_prompt_equals_an_explicit_float64_attention(family, family_dirs):
+    model = deep_model(family_dirs[family], "classifier", seed=4, dtype=torch.float64)
+    params = {"prompt": model.params["prompt"], **{k: v.double() for k, v in model.head_params().items()}}
+    with torch.no_grad():
+        expected = reference_encoder_logits(model, params["prompt"], TEXTS)
+        ours = model.logits(params, model.encode(TEXTS))  # float64: predict would round to float32
+        without = model.logits({**params, "prompt": params["prompt"] * 0}, model.encode(TEXTS))
+    assert ours.dtype == torch.float64 and (ours - expected).abs().max() < 1e-10
+    assert (without - expected).abs().max() > 1e-3  # the prefix matters: the check can fail
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "t5"])
+def test_families_without_a_prefix_path_are_refused_in_one_line(family, family_dirs):
+    from conftest import family_head
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+
+    head = family_head(family)
+    backbone = load_backbone(family_dirs[family], head, num_labels=2)
+    with pytest.raises(ValueError) as error:
+        PromptModel(backbone, head, 2, LABEL_WORDS, prompt_type="deep")
+    assert "\n" not in str(error.value) and "--prompt-type shallow" in str(error.value)
+
+
+def test_stacked_deep_prompts_equal_a_loop_and_reach_second_derivatives(family_dirs):
+    """Llama: one key/value head for two query heads."""
+    model = deep_model(family_dirs["llama"], "classifier", seed=5)
+    batch = model.encode(TEXTS, [0, 1, 1, 0, 1])
+    params = dict(model.params)
+    variants = torch.stack([params["prompt"] * s for s in (1.0, 0.5, -0.7)])  # (G, P, W)
+    stacked = model.loss({**params, "prompt": variants}, batch)  # (G, B)
+    loop = torch.stack([model.loss({**params, "prompt": v}, batch) for v in variants])
+    assert stacked.shape == (3, 5) and (stacked - loop).abs().max() < 1e-5
+    prompt = params["prompt"].clone().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):  # as landscape.hessian does: the fused CPU kernel has no double backward
+        (gradient,) = torch.autograd.grad(model.loss({**params, "prompt": prompt}, batch).mean(), prompt,
+                                          create_graph=True)
+        (hvp,) = torch.autograd.grad((gradient * torch.randn_like(prompt)).sum(), prompt)
+    assert gradient.abs().sum() > 0 and hvp.abs().sum() > 0
+    # every layer's block takes gradient
+    blocks = gradient.detach().reshape(3, model.prefix_shape.layers, -1).abs().sum((0, 2))
+    assert (blocks > 0).all()
+
+
+def test_deep_checkpoint_round_trip_and_peft_seq_cls_format(family_dirs, tmp_path):
+    """Bitwise round trip; PEFT reads our SEQ_CLS prefix file into its prefix encoder (its SEQ_CLS forward
+    refuses prefix tuning on transformers 5, so the format is what can be checked), and we read PEFT's."""
+    import transformers
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    directory = family_dirs["bert"]
+    model = deep_model(directory, "classifier", seed=6)
+    meta = {"model": directory, "head": "classifier", "kind": model.kind, "num_labels": 2, "prompt_type": "deep",
+            "template": "{text}"}
+    out = save_checkpoint(tmp_path / "ours", model.params, meta, None, model.backbone.config)
+    loaded = load_checkpoint(out)
+    assert all(torch.equal(loaded.params[k], v) for k, v in model.params.items())
+    assert torch.equal(loaded.build_model().predict(TEXTS), model.predict(TEXTS))
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(directory)
+    peft_model = PeftModel.from_pretrained(base, out)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight.detach(), model.params["prompt"])
+    fresh = get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(directory),
+                           PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    fresh.save_pretrained(tmp_path / "peft")
+    theirs = load_checkpoint(tmp_path / "peft")
+    assert theirs.prompt_type == "deep" and theirs.params["prompt"].shape == model.params["prompt"].shape
+    assert torch.isfinite(theirs.build_model().predict(TEXTS)).all()
+
+
+def test_prompt_perturbations_of_a_deep_prompt_are_relative_to_each_layers_scale(family_dirs):
+    from ptp_core import perturb
+
+    model = deep_model(family_dirs["gpt2"], "classifier", seed=8, length=6)
+    params = dict(model.params)
+    blocks = model.prompt_blocks  # keys and values of every layer
+    scaled = params["prompt"].reshape(6, blocks, -1) * torch.linspace(0.1, 10, blocks)[None, :, None]
+    params["prompt"] = scaled.reshape(6, -1)  # layers at scales 100x apart
+    unit = perturb.prompt_unit(model, params["prompt"]).reshape(blocks, -1)
+    expected = scaled.pow(2).mean(dim=(0, 2)).sqrt()  # (2L,)
+    assert torch.allclose(unit[:, 0], expected) and (unit == unit[:, :1]).all()
+    config = perturb.PerturbConfig(target="prompt", sigma=0.5, rho=0.2)
+    noise = perturb.random_noise(tuple(params["prompt"].shape), config.sigma * perturb.prompt_unit(model, params["prompt"]),
+                                 "gaussian", torch.Generator().manual_seed(0), params["prompt"])
+    ratio = noise.reshape(6, blocks, -1).pow(2).mean(dim=(0, 2)).sqrt() / expected  # about sigma in every block
+    assert ((ratio - 0.5).abs() < 0.1).all()
+    batch = model.encode(TEXTS, [0, 1, 1, 0, 1])
+    prompt = params["prompt"].clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(model.loss({**params, "prompt": prompt}, batch).mean(), prompt)
+    offset = perturb.sam_prompt(model, params, batch, config, gradient)
+    # one ascent step to the ball's surface in layer units: |offset / unit| = rho * sqrt(P * W)
+    size = (offset / perturb.prompt_unit(model, params["prompt"])).norm()
+    assert abs(size / (config.rho * offset.numel() ** 0.5) - 1) < 1e-5
+    clean = model.loss(params, batch).mean()
+    assert model.loss({**params, "prompt": params["prompt"] + offset}, batch).mean() > clean  # an ascent

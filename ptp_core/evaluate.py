@@ -67,5 +67,22 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+COLLAPSE_TOLERANCE = 0.01  # nats: a validation loss this close to the label prior's entropy is a constant predictor
+
+
+def label_prior_entropy(labels: list[int], num_labels: int) -> float:
+    """Entropy (nats) of the training labels' distribution: the CE of the best input-independent predictor."""
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double()
+    prior = counts[counts > 0] / counts.sum()
+    return float(-(prior * prior.log()).sum())
+
+
+def collapsed(log: list[dict], prior_entropy: float, tolerance: float = COLLAPSE_TOLERANCE) -> bool:
+    """True when the run's last validation loss lies within `tolerance` of the label prior's entropy: it ended as
+    the constant predictor (every input the same prediction), which the adversarial term alone can prefer."""
+    losses = [row["validation_loss"] for row in log if "validation_loss" in row]
+    return bool(losses) and abs(losses[-1] - prior_entropy) <= tolerance
+
+
 if __name__ == "__main__":
     cli.run(main)

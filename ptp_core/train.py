@@ -1,4 +1,4 @@
-"""Prompt tuning on a frozen backbone: vanilla PT, or PT with a PTP regularizer (perturb.py) in `step_gradients`.
+"""Prompt tuning on a frozen backbone: vanilla PT, or PT with a PTP regularizer (perturb.py); the loop is loop.py.
 
     python -m ptp_core.train --model minilm --task rotten_tomatoes --method pt --seed 0 --out runs/x
 """
@@ -16,17 +16,19 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ptp_core import cli
 from ptp_core.backbones import autocast, default_head, load_backbone, resolve_device, resolve_dtype
 from ptp_core.checkpoint import META, save_checkpoint
-from ptp_core.data import Task, batch_indices, load_task
-from ptp_core.encoding import Batch, batch_split
-from ptp_core.evaluate import EVAL_BATCH_SIZE, evaluate
+from ptp_core.data import Task, load_task
+from ptp_core.evaluate import collapsed, evaluate, label_prior_entropy
 from ptp_core.io import check_output_folder
+from ptp_core.loop import FitResult, fit_prompt
 from ptp_core.model import PROMPT_INITS, PromptModel
-from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig, ptp_gradients
+from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig
+from ptp_core.prefix import PROMPT_TYPES
+from ptp_core.projection import Identity, PrefixProjection
+from ptp_core.reporting import REPORT_TO, TrainingReport
 
 METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling inside every PTP ascent step
@@ -49,6 +51,9 @@ class TrainConfig:
     prompt_length: int = 20  # Lester et al. 2021: gains flatten beyond ~20 tokens
     prompt_init: str = "vocab"  # sampled vocabulary embeddings: a stable start (Lester et al. 2021)
     prompt_init_text: str = ""
+    prompt_type: str = "shallow"  # deep: P-tuning v2's per-layer prefix keys and values (ptp_core/prefix.py)
+    prefix_projection: bool = False  # deep: train P-tuning v2's MLP over P token vectors (ptp_core/projection.py)
+    prefix_hidden: int = 512  # the MLP's hidden size (P-tuning v2's default)
     steps: int = 300
     batch_size: int = 32
     lr: float | None = None  # None: PROMPT_LR for the head (the prompt's AdamW step size)
@@ -70,6 +75,7 @@ class TrainConfig:
     cache_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
+    report_to: str = "none"  # tensorboard: the log's scalars also go to <out>/tensorboard (reporting.py)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # ptp-rn / ptp-adv only; pt ignores it
 
     def __post_init__(self):
@@ -91,6 +97,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0 or not self.head_lr > 0:
             raise ValueError(f"--lr and --head-lr must be > 0, got {self.lr} and {self.head_lr}")
+        if self.prompt_type not in PROMPT_TYPES:
+            raise ValueError(f"unknown --prompt-type {self.prompt_type!r}; use one of {', '.join(PROMPT_TYPES)}")
+        if self.prefix_projection and self.prompt_type != "deep":
+            raise ValueError("--prefix-projection reparameterizes a deep prompt; add --prompt-type deep")
+        if self.prefix_hidden <= 0:
+            raise ValueError(f"--prefix-hidden must be > 0, got {self.prefix_hidden}")
         if self.prompt_init not in PROMPT_INITS:
             raise ValueError(f"unknown --prompt-init {self.prompt_init!r}; use one of {', '.join(PROMPT_INITS)}")
         if self.dtype not in TRAIN_DTYPES:
@@ -100,56 +112,8 @@ class TrainConfig:
             self.perturb = PerturbConfig(**self.perturb)
 
 
-def schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: linear warmup, then linear decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-COLLAPSE_TOLERANCE = 0.01  # nats: a validation loss this close to the label prior's entropy is a constant predictor
-
-
-def label_prior_entropy(labels: list[int], num_labels: int) -> float:
-    """Entropy (nats) of the training labels' distribution: the CE of the best input-independent predictor."""
-    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double()
-    prior = counts[counts > 0] / counts.sum()
-    return float(-(prior * prior.log()).sum())
-
-
-def collapsed(log: list[dict], prior_entropy: float, tolerance: float = COLLAPSE_TOLERANCE) -> bool:
-    """True when the run's last validation loss lies within `tolerance` of the label prior's entropy: it ended as
-    the constant predictor (every input the same prediction), which the adversarial term alone can prefer."""
-    losses = [row["validation_loss"] for row in log if "validation_loss" in row]
-    return bool(losses) and abs(losses[-1] - prior_entropy) <= tolerance
-
-
-def step_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: TrainConfig,
-                   generator: torch.Generator, step: int = 1) -> dict[str, float]:
-    """Backpropagate this method's training loss at `step` (1-based) into params; return the losses to log.
-
-    While the regularizer's weight is 0 (--reg-warmup) a PTP step is a PT step: no perturbation is drawn."""
-    weight = config.perturb.weight_at(step)
-    if config.method != "pt" and weight > 0:
-        return ptp_gradients(model, params, batch, config.method, config.perturb, generator, weight)
-    clean = model.loss(params, batch).mean()
-    clean.backward()
-    return {"loss": clean.item(), "clean_loss": clean.item(), **({"reg_weight": 0.0} if config.method != "pt" else {})}
-
-
 def _versions() -> dict:
     return {"torch": torch.__version__, "transformers": version("transformers"), "python": platform.python_version()}
-
-
-@dataclass
-class FitResult:
-    """What the training loop leaves: the best step's tensors on validation, the log, the prompt's trajectory."""
-    params: dict[str, Tensor]  # the best step's tensors (the initial ones when training stopped before validating)
-    best_accuracy: float  # validation accuracy at best_step
-    best_step: int
-    log: list[dict]  # a row per step, and a row per validation
-    trajectory: dict[str, Tensor]  # "prompts" (S, P, D), "steps" (S,)
-    status: str  # "complete", or why training stopped early
 
 
 def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptModel:
@@ -158,71 +122,7 @@ def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptMo
                              Path(config.cache_dir) if config.cache_dir else None, choices=task.choices)
     template = task.template if config.head == "verbalizer" else (config.template or "{text}")
     return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length,
-                       choices=task.choices)
-
-
-def make_optimizer(params: dict[str, Tensor], config: TrainConfig
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with the prompt and the head at their own learning rates; linear warmup, then linear decay."""
-    head_tensors = [v for k, v in params.items() if k != "prompt"]
-    groups = [{"params": [params["prompt"]], "lr": config.lr}]
-    if head_tensors:
-        groups.append({"params": head_tensors, "lr": config.head_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup_ratio * config.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, config.steps, warmup))
-    return optimizer, scheduler
-
-
-def _copy(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in params.items()}
-
-
-def fit_prompt(model: PromptModel, params: dict[str, Tensor], task: Task, config: TrainConfig,
-               generator: torch.Generator, noise_generator: torch.Generator, compute_dtype: str,
-               prior_entropy: float) -> FitResult:
-    """The training loop: optimizer steps on `params` (updated in place), validation every eval_every steps, the
-    best step on validation accuracy kept; stops at the first non-finite loss."""
-    optimizer, scheduler = make_optimizer(params, config)
-    train_split = task.splits["train"]
-    valid_batches, _ = batch_split(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
-    log, snapshots, snapshot_steps = [], [params["prompt"].detach().cpu().clone()], [0]
-    best_params, best_accuracy, best_step, status = _copy(params), -1.0, 0, "complete"
-    pending = []  # this epoch's batches of example indices not trained on yet
-    bar = tqdm(range(1, config.steps + 1), desc=f"{config.method} seed {config.seed}", disable=not config.progress)
-    for step in bar:
-        if not pending:
-            pending = batch_indices(len(train_split), config.batch_size, generator)
-        indices = pending.pop(0)
-        batch = model.encode([train_split.texts[i] for i in indices], [train_split.labels[i] for i in indices])
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(model.device, compute_dtype):
-            losses = step_gradients(model, params, batch, config, noise_generator, step)
-        if not all(math.isfinite(v) for v in losses.values()):
-            status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
-            break
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
-        log.append({"step": step, "lr": scheduler.get_last_lr()[0], **losses})
-        if step % config.snapshot_every == 0:
-            snapshots.append(params["prompt"].detach().cpu().clone())
-            snapshot_steps.append(step)
-        if step % config.eval_every == 0 or step == config.steps:
-            with autocast(model.device, compute_dtype):
-                result = evaluate(model, params, valid_batches)
-            recent = [row["clean_loss"] for row in log[-config.eval_every:] if "clean_loss" in row]
-            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"],
-                        "clean_loss_mean": sum(recent) / max(1, len(recent)), "label_prior_entropy": prior_entropy})
-            if result["accuracy"] > best_accuracy:
-                best_params, best_accuracy, best_step = _copy(params), result["accuracy"], step
-    bar.close()
-    if best_accuracy < 0:  # stopped before the first validation: measure the initial prompt
-        with autocast(model.device, compute_dtype):
-            best_accuracy = evaluate(model, best_params, valid_batches)["accuracy"]
-    trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(snapshot_steps)}  # (S, P, D), (S,)
-    return FitResult(best_params, best_accuracy, best_step, log, trajectory, status)
+                       choices=task.choices, prompt_type=config.prompt_type)
 
 
 def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitResult, test: dict, prior_entropy: float,
@@ -244,6 +144,19 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
     }
 
 
+def initial_params(config: TrainConfig, model: PromptModel, generator: torch.Generator
+                   ) -> tuple[dict[str, Tensor], Identity]:
+    """The seeded tensors the optimizer starts from and the reparameterization that makes the model's params."""
+    params = model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text)
+    reparam = Identity()
+    if config.prefix_projection:  # the prefix comes from an MLP: its tokens and weights are trained instead
+        reparam = PrefixProjection(config.prefix_hidden)
+        shape = model.prefix_shape
+        params = {**{k: v for k, v in params.items() if k != "prompt"},
+                  **reparam.init(config.prompt_length, shape.token_dim, shape.width, generator)}
+    return {k: v.to(model.device).clone().requires_grad_(True) for k, v in params.items()}, reparam
+
+
 def train(config: TrainConfig) -> Path:
     """Train one prompt; select the best step on validation; save the checkpoint; return its path."""
     out = Path(config.out)
@@ -255,14 +168,16 @@ def train(config: TrainConfig) -> Path:
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
     model = build_prompt_model(config, task, device)
-    params = {k: v.clone().requires_grad_(True) for k, v in
-              model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text).items()}
+    trainable, reparam = initial_params(config, model, generator)
     prior_entropy = label_prior_entropy(task.splits["train"].labels, task.num_labels)
-    result = fit_prompt(model, params, task, config, generator, noise_generator, compute_dtype, prior_entropy)
-    with autocast(device, compute_dtype):
-        test = evaluate(model, result.params, task.splits["test"].head(config.test_examples), metric=task.metric)
-    meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
-    save_checkpoint(out, result.params, meta, result.trajectory, model.backbone.config, overwrite=True, log=result.log)
+    with TrainingReport(config.report_to, out) as report:  # on an error its staging folder goes
+        result = fit_prompt(model, trainable, task, config, generator, noise_generator, compute_dtype, prior_entropy,
+                            report.log, reparam)
+        with autocast(device, compute_dtype):
+            test = evaluate(model, result.params, task.splits["test"].head(config.test_examples), metric=task.metric)
+        meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
+        with report.saving(out) as folder:  # the checkpoint folder, event files inside, published as a whole
+            save_checkpoint(folder, result.params, meta, result.trajectory, model.backbone.config, log=result.log)
     if result.status != "complete":
         raise ValueError(f"{result.status} ({out})")
     return out
@@ -279,6 +194,11 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", dest="prompt_length", type=int, default=d.prompt_length)
     p.add_argument("--prompt-init", default=d.prompt_init, choices=PROMPT_INITS)
     p.add_argument("--prompt-init-text", default=d.prompt_init_text)
+    p.add_argument("--prompt-type", default=d.prompt_type, choices=PROMPT_TYPES,
+                   help="shallow: virtual tokens at the input; deep: keys and values in every attention layer")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="deep: train the prefix as an MLP of P token vectors (P-tuning v2); saved as its output")
+    p.add_argument("--prefix-hidden", type=int, default=d.prefix_hidden, help="the MLP's hidden size")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=None,
@@ -299,6 +219,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=TRAIN_DTYPES,
                    help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--report-to", default=d.report_to, choices=REPORT_TO, help="also log to <out>/tensorboard")
     q = PerturbConfig()
     g = p.add_argument_group("PTP regularizers", "L = CE(clean) + reg_weight * CE(perturbed); scales are relative "
                              "to the RMS of the embedding table")

@@ -135,16 +135,16 @@ def test_minilm_learns_rotten_tomatoes(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, toy_csv, tmp_path, monkeypatch):
-    import ptp_core.train as trainer
+    import ptp_core.loop as loop
 
-    real = trainer.step_gradients
+    real = loop.step_gradients
     calls = {"n": 0}
 
     def diverging(model, params, batch, config, generator, step):
         calls["n"] += 1
         return real(model, params, batch, config, generator, step) if calls["n"] < 12 else {"loss": float("nan")}
 
-    monkeypatch.setattr(trainer, "step_gradients", diverging)
+    monkeypatch.setattr(loop, "step_gradients", diverging)
     with pytest.raises(ValueError, match="non-finite loss at step 12"):
         train(_config(tiny_dirs, toy_csv, tmp_path / "nan"))
     ckpt = load_checkpoint(tmp_path / "nan")

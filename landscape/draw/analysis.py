@@ -114,3 +114,36 @@ def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]]
         ax.set_ylabel("death (loss at the merging saddle); top: ∞")
         ax.legend(frameon=False, loc="lower right")
     return fig
+
+
+LAYER_KEYS = (("layer_hessian_top_eigenvalue", "top eigenvalue of H_ll"), ("layer_hessian_trace", "trace of H_ll"))
+
+
+def layer_curvature(rows: Sequence[Mapping], *, style: str = "paper") -> Figure:
+    """A deep prompt's curvature per layer: layer vs the top eigenvalue and the trace of the Hessian block of that
+    layer's keys and values, one line per method (the mean over its checkpoints, each checkpoint a thin line)."""
+    by_method: dict[str, list[Mapping]] = {}
+    for row in rows:
+        if row.get("layer_hessian_top_eigenvalue"):
+            by_method.setdefault(str(row.get("method")), []).append(row)
+    if not by_method:
+        raise ValueError("no row has per-layer curvature; measure a deep prompt with --metrics hessian")
+    keys = [(k, label) for k, label in LAYER_KEYS if any(r.get(k) for g in by_method.values() for r in g)]
+    with style_context(style) as s:
+        fig = Figure(figsize=(s["column"] * len(keys), s["panel_height"] * 1.2), layout="constrained")
+        for ax, (key, label) in zip(np.atleast_1d(fig.subplots(1, len(keys))), keys):
+            for index, (method, group) in enumerate(by_method.items()):
+                values = np.array([r[key] for r in group if r.get(key)], dtype=float)  # (checkpoints, L)
+                layers = np.arange(1, values.shape[1] + 1)
+                color = method_color(method, index)
+                for one in values:
+                    ax.plot(layers, one, color=color, linewidth=s["line"] * 0.4, alpha=0.5)
+                ax.plot(layers, values.mean(0), "o-", color=color, linewidth=s["line"], markersize=s["marker"],
+                        label=f"{method} (n={len(values)})")
+            ax.set_xlabel("layer")
+            ax.set_ylabel(label)
+            ax.set_xticks(layers)
+            if all(np.all(np.asarray(r[key], dtype=float) > 0) for g in by_method.values() for r in g if r.get(key)):
+                ax.set_yscale("log")
+        ax.legend(frameon=False)
+    return fig

@@ -67,6 +67,8 @@ def figures(comparison: Comparison, config: PlotConfig) -> dict[str, Figure]:
             quadratures[row["method"]] = (row["hessian_spectrum_nodes"], row["hessian_spectrum_weights"])
     if quadratures:
         out["spectrum"] = analysis.spectrum(quadratures, **style)
+    if any(row.get("layer_hessian_top_eigenvalue") for row in comparison.rows):  # deep prompts
+        out["layer_curvature"] = analysis.layer_curvature(comparison.rows, **style)
     if comparison.connections:
         out["connectivity"] = analysis.connectivity(comparison.connections[0], **style)  # every pair: OUT/connect/
     return out

@@ -93,8 +93,28 @@ def _tables(rows: list[dict], stats: Statistics, plus_minus: str) -> list[tuple]
                        ["barrier", *barrier_methods],
                        [[m, *(summary_cell(barrier_cells[m, method]) for method in barrier_methods)]
                         for m in BARRIERS]))
+    layers = _layer_table(rows)
+    if layers[1]:
+        tables.append(("Deep prompt curvature per layer (Hessian block of the layer's keys and values): mean over "
+                       "checkpoints", *layers))
     return [("Per checkpoint", *per_checkpoint), ("Per method: mean ± std [95% bootstrap CI]", *grouped), *tables,
             ("Pairwise tests between methods", *tests), ("Rank correlations: every metric with test accuracy, sharpness with calibration error", *spearman)]
+
+
+def _layer_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per method and layer: the mean top eigenvalue and trace of the layer's Hessian block."""
+    body = []
+    for method in dict.fromkeys(str(r.get("method")) for r in rows):
+        group = [r for r in rows if str(r.get("method")) == method and r.get("layer_hessian_top_eigenvalue")]
+        if not group:
+            continue
+        for layer in range(len(group[0]["layer_hessian_top_eigenvalue"])):
+            cells = []
+            for key in ("layer_hessian_top_eigenvalue", "layer_hessian_trace"):
+                values = [r[key][layer] for r in group if r.get(key)]
+                cells.append(_number(sum(values) / len(values)) if values else "")
+            body.append([method, str(layer + 1), *cells, str(len(group))])
+    return ["method", "layer", "top eigenvalue", "trace", "n"], body
 
 
 def console_table(rows: list[dict]) -> str:

@@ -6,7 +6,8 @@ embeddings; the surface is mean_i l_i(E_i + α d1_i + β d2_i) with the prompt f
 
 Normalization (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", §4):
   filter  each row (a prompt token, a head output row, a text token) is scaled to the norm of
-          the same row of the reference (the trained tensor, or the token's embedding);
+          the same row of the reference (the trained tensor, or the token's embedding); a deep prompt's
+          row is one virtual token's keys and values in one layer (each layer on its own scale);
   layer   each tensor (in input space: each example) is scaled to the reference's norm;
   none    unit norm over the whole direction (in input space: per example).
 
@@ -63,10 +64,11 @@ class Directions:
 
 # ---- row-wise normalization and orthogonalization -----------------------------------------------
 
-def _rows(tensor: Tensor, norm: str) -> Tensor:
-    """(R, K) view of a tensor: its filters (rows) for `filter` on matrices, else one row."""
+def _rows(tensor: Tensor, norm: str, blocks: int = 1) -> Tensor:
+    """(R, K) view of a tensor: its filters (rows) for `filter` on matrices, each row split into `blocks` equal
+    filters (a deep prompt's layers), else one row."""
     if norm == "filter" and tensor.dim() >= 2:
-        return tensor.reshape(tensor.shape[0], -1)
+        return tensor.reshape(tensor.shape[0] * blocks, -1)
     return tensor.reshape(1, -1)
 
 
@@ -89,11 +91,12 @@ def _check_norm(norm: str) -> None:
 
 
 def normalize_direction(direction: Params, reference: Params, norm: str = "filter",
-                        orthogonal_to: Params | None = None) -> Params:
+                        orthogonal_to: Params | None = None, prompt_layers: int = 1) -> Params:
     """Scale a direction as `norm` says (filter/layer to the reference's row/tensor norms, none to 1).
 
     With orthogonal_to, each row (filter), tensor (layer) or the whole direction (none) is first made
     orthogonal to the same part of orthogonal_to, so the result is orthogonal to it and keeps its norms.
+    prompt_layers: the layers in each row of a deep prompt, each a filter of its own.
     """
     _check_norm(norm)
     names = list(direction)
@@ -107,10 +110,11 @@ def normalize_direction(direction: Params, reference: Params, norm: str = "filte
         return {k: p.reshape(work[k].shape).to(direction[k].dtype) for k, p in zip(names, pieces)}
     out = {}
     for name in names:
-        rows = _rows(work[name], norm)  # (R, K)
+        blocks = prompt_layers if name == "prompt" else 1
+        rows = _rows(work[name], norm, blocks)  # (R, K)
         if orthogonal_to is not None:
-            rows = _orthogonalize_rows(rows, _rows(orthogonal_to[name].double(), norm))
-        target = _rows(reference[name].detach().double(), norm).norm(dim=1, keepdim=True)  # (R, 1)
+            rows = _orthogonalize_rows(rows, _rows(orthogonal_to[name].double(), norm, blocks))
+        target = _rows(reference[name].detach().double(), norm, blocks).norm(dim=1, keepdim=True)  # (R, 1)
         out[name] = _rescale_rows(rows, target).reshape(work[name].shape).to(direction[name].dtype)
     return out
 
@@ -121,10 +125,11 @@ def random_like(like: Params, generator: torch.Generator) -> Params:
             for k, v in like.items()}
 
 
-def orthonormal_pair(first: Params, second: Params, reference: Params, norm: str) -> tuple[Params, Params]:
+def orthonormal_pair(first: Params, second: Params, reference: Params, norm: str,
+                     prompt_layers: int = 1) -> tuple[Params, Params]:
     """(d1, d2): first normalized; second made orthogonal to d1 (row by row) and normalized."""
-    d1 = normalize_direction(first, reference, norm)
-    return d1, normalize_direction(second, reference, norm, orthogonal_to=d1)
+    d1 = normalize_direction(first, reference, norm, prompt_layers=prompt_layers)
+    return d1, normalize_direction(second, reference, norm, orthogonal_to=d1, prompt_layers=prompt_layers)
 
 
 # ---- prompt-space kinds --------------------------------------------------------------------------
@@ -185,12 +190,14 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
     reference = {k: center[k] for k in names}
     generator = torch.Generator().manual_seed(seed)
     info: dict = {}
+    layers = model.prefix_shape.layers if model.prefix_shape is not None else 1  # a deep prompt: per layer
     if kind == "gradient":
         gradient = loss_gradient(model, center, batches, names, dtype)
-        d1, d2 = orthonormal_pair(gradient, random_like(reference, generator), reference, norm)
+        d1, d2 = orthonormal_pair(gradient, random_like(reference, generator), reference, norm, layers)
         info["gradient_norm"] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in gradient.values())))
     elif kind == "random":
-        d1, d2 = orthonormal_pair(random_like(reference, generator), random_like(reference, generator), reference, norm)
+        d1, d2 = orthonormal_pair(random_like(reference, generator), random_like(reference, generator), reference,
+                                  norm, layers)
     elif kind == "interp":
         if len(others) not in (1, 2):
             raise ValueError(f"interp needs 2 or 3 checkpoints (a line or a plane), got {len(others) + 1}")
@@ -203,18 +210,18 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
         if names != ["prompt"]:
             raise ValueError("pca directions cover the prompt only (the trajectory holds prompts); use --params prompt")
         u1, u2, ratio = trajectory_pca(trajectory, center["prompt"])
-        d1, d2 = orthonormal_pair({"prompt": u1.float()}, {"prompt": u2.float()}, reference, norm)
+        d1, d2 = orthonormal_pair({"prompt": u1.float()}, {"prompt": u2.float()}, reference, norm, layers)
         info["explained_variance"] = ratio
     elif kind == "hessian":
         model.check_double_backward()
-        d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed)
+        d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed, layers)
     else:
         raise ValueError(f"unknown direction kind {kind!r}; use one of {', '.join(DIRECTION_KINDS)}")
     return Directions(kind, norm, seed, center, d1, d2, info)
 
 
 def _hessian_pair(model: PromptModel, center: Params, batches: Sequence[Batch], names: list[str], norm: str,
-                  seed: int) -> tuple[Params, Params, dict]:
+                  seed: int, layers: int = 1) -> tuple[Params, Params, dict]:
     if len(batches) != 1:
         raise ValueError(f"hessian directions use one batch of examples, got {len(batches)}; "
                          "lower --examples to at most --batch-size")
@@ -223,7 +230,7 @@ def _hessian_pair(model: PromptModel, center: Params, batches: Sequence[Batch], 
     result = top_eigenvalues(lambda p: model.loss({**held, **p}, batch).mean(-1),
                              {k: center[k] for k in names}, k=2, seed=seed)
     v1, v2 = ({k: v.float() for k, v in vector.items()} for vector in result.eigenvectors[:2])
-    d1, d2 = orthonormal_pair(v1, v2, {k: center[k] for k in names}, norm)
+    d1, d2 = orthonormal_pair(v1, v2, {k: center[k] for k in names}, norm, layers)
     return d1, d2, {"eigenvalues": result.eigenvalues, "converged": result.converged}
 
 

@@ -66,6 +66,8 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], split: Spl
                 "dtype": spec.dtype}
     setting = {"grid": list(spec.shape), "span": spec.span, "examples": len(subset), "params": spec.param_scope,
                "others": [params_hash(p) for p in others]}
+    if model.prefix_shape is not None:  # shallow surfaces keep the spec (and spec hash) they always had
+        setting.update(prompt_type="deep", prompt_layers=model.prefix_shape.layers)
     surface = _resume(path, {**identity, **setting}, overwrite)
     if surface is not None and surface.is_complete:
         return surface

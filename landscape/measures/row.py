@@ -13,6 +13,7 @@ from landscape import hessian
 from landscape.grid.spec import PARAM_SCOPES
 from landscape.measures import sharpness
 from landscape.measures.calibration import expected_calibration_error
+from landscape.measures.layer_curvature import layer_curvature
 from landscape.measures.spectrum import hessian_min_eigenvalue, hessian_spectrum
 from landscape.measures.surface_metrics import SurfaceMetrics, surface_metrics
 from landscape.measures.topology import loss_topology
@@ -92,7 +93,7 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
     if set(config.which) - {"surface", "calibration"}:
         results.update(_model_metrics(model, params, split, config))
     return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, test_metrics=test_metrics,
-                       **results, **extra)
+                       prompt_type=model.prompt_type, **results, **extra)
 
 
 def surface_topology(surface: Surface | None, tau: float, prefix: str) -> dict:
@@ -128,6 +129,10 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, 
                                                config.seed, config.max_hvps)
     if "trace" in config.which:
         out["trace"] = hessian.hutchpp(loss_fn, trainable, config.trace_hvps, config.seed)
+    if model.prefix_shape is not None and {"hessian", "trace"} & set(config.which):  # a deep prompt: per layer
+        out["layer_curvature"] = layer_curvature(loss_fn, trainable, model.prefix_shape.layers,
+                                                 "trace" in config.which, config.eigen_tol, config.seed,
+                                                 config.max_hvps, config.trace_hvps)
     if "sharpness" in config.which:
         out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, trainable, config.rho_of_norm * float(flat.norm()),
                                                          config.ascent_steps, seed=config.seed)
@@ -149,7 +154,8 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, 
 def metrics_row(
     checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
     surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
-    input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, settings: dict | None = None,
+    input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, layer_curvature=None,
+    settings: dict | None = None,
     test_metrics: dict[str, float] | None = None, **extra,
 ) -> dict:
     """One metrics.json row under DESIGN.md's key names.
@@ -175,6 +181,9 @@ def metrics_row(
     if trace is not None:
         row.update(hessian_trace=trace.trace, hessian_trace_stderr=trace.stderr)
         cost["hessian_trace_hvps"] = trace.hvps
+    if layer_curvature is not None:  # a deep prompt's per-layer top eigenvalue and trace: lists of L values
+        cost["layer_hessian_hvps"] = layer_curvature["layer_hessian_hvps"]
+        row.update({k: v for k, v in layer_curvature.items() if k != "layer_hessian_hvps"})
     if spectrum is not None:  # landscape.spectrum.SpectrumResult: the density's quadrature, not a column
         row.update(hessian_spectrum_nodes=spectrum.nodes, hessian_spectrum_weights=spectrum.weights)
         cost["hessian_spectrum_hvps"] = spectrum.hvps

@@ -152,7 +152,7 @@ class PromptModel(nn.Module):
         if self.kind == "seq2seq":
             logits = self._seq2seq_logits(full, attention, batch, groups)  # (G, R, C) or (G, R)
         else:
-            hidden = self._encode(prompt, full, attention, groups, **self._segments(batch, length, groups))
+            hidden = self._encode(prompt, full, attention, **self._segments(batch, length, groups))
             if batch.choices and self.head == "verbalizer":
                 logits = self._candidate_scores(head_params, hidden, batch, length, groups)  # (G, R)
             else:
@@ -169,12 +169,13 @@ class PromptModel(nn.Module):
             logits = logits.reshape(groups, len(batch), batch.choices)  # (G, B, K): one score per candidate row
         return logits if stacked else logits.squeeze(0)
 
-    def _encode(self, prompt: Tensor, full: Tensor, attention: Tensor, groups: int, **segments):
+    def _encode(self, prompt: Tensor, full: Tensor, attention: Tensor, **segments):
         """The backbone's hidden states; a deep prompt enters every attention layer, text positions after it."""
         if self.prefix_shape is None:
             return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, **segments)
         positions = prefix.text_positions(self.backbone, prompt.shape[-2], full.shape[1], full.device)  # (1, T)
-        with prefix.prefix(prompt, self.prefix_shape, full.shape[0] // groups):
+        prompts = prompt.shape[0] if prompt.dim() == 3 else 1  # 1 prompt for G input perturbations: all rows see it
+        with prefix.prefix(prompt, self.prefix_shape, full.shape[0] // prompts):
             return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, position_ids=positions,
                                             **segments)
 

@@ -56,29 +56,39 @@ def peft_label_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
-def test_decoder_deep_prompt_agrees_with_peft_prefix_tuning_both_ways(family, causal_dirs, tmp_path):
+def deep_ours_to_peft(directory: str, out) -> float:
+    """max |label logit difference|: our deep checkpoint read by PeftModel.from_pretrained (CAUSAL_LM)."""
     import transformers
-    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+    from peft import PeftModel
 
-    directory = causal_dirs[family]
-    # ours -> PEFT
     model = deep_model(directory, "verbalizer", seed=3)
     meta = {"model": directory, "head": "verbalizer", "kind": "causal", "label_words": LABEL_WORDS,
             "template": TEMPLATE, "num_labels": 2, "prompt_type": "deep"}
-    out = save_checkpoint(tmp_path / "ours", model.params, meta, None, model.backbone.config)
+    out = save_checkpoint(out, model.params, meta, None, model.backbone.config)
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(directory), out).eval()
-    assert (model.predict(TEXTS) - peft_label_logits(peft_model, model, TEXTS)).abs().max() < 1e-5
-    # PEFT -> ours
+    return float((model.predict(TEXTS) - peft_label_logits(peft_model, model, TEXTS)).abs().max())
+
+
+def deep_peft_to_ours(directory: str, out) -> float:
+    """max |label logit difference|: a PEFT-saved CAUSAL_LM prefix-tuning adapter read here."""
+    import transformers
+    from peft import PrefixTuningConfig, get_peft_model
+
     torch.manual_seed(7)
     base = transformers.AutoModelForCausalLM.from_pretrained(directory)
     peft_model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    peft_model.save_pretrained(tmp_path / "peft")
-    ckpt = load_checkpoint(tmp_path / "peft")
-    assert ckpt.prompt_type == "deep"
-    ours = ckpt.build_model(label_words=LABEL_WORDS, template=TEMPLATE)
-    assert (ours.predict(TEXTS) - peft_label_logits(peft_model, ours, TEXTS)).abs().max() < 1e-5
+    peft_model.save_pretrained(out)
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.prompt_type == "deep"
+    ours = checkpoint.build_model(label_words=LABEL_WORDS, template=TEMPLATE)
+    return float((ours.predict(TEXTS) - peft_label_logits(peft_model, ours, TEXTS)).abs().max())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_decoder_deep_prompt_agrees_with_peft_prefix_tuning_both_ways(family, causal_dirs, tmp_path):
+    assert deep_ours_to_peft(causal_dirs[family], tmp_path / "ours") < 1e-5
+    assert deep_peft_to_ours(causal_dirs[family], tmp_path / "peft") < 1e-5
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
@@ -109,6 +119,8 @@ def reference_encoder_logits(model, prompt: torch.Tensor, texts: list[str]) -> t
     layers = prompt.reshape(length, config.num_hidden_layers, 2, heads, dim)
     start = config.pad_token_id + 1 if config.model_type == "roberta" else 0
     hidden = base.embeddings(input_ids=batch.input_ids, position_ids=torch.arange(width)[None] + start + length)
+    if hasattr(base, "embeddings_project"):  # ELECTRA: embeddings narrower than the hidden size
+        hidden = base.embeddings_project(hidden)
     keep = torch.cat([torch.ones(rows, length, dtype=torch.bool), batch.attention_mask.bool()], 1)  # (N, P+T)
     for index, layer in enumerate(base.encoder.layer):
         attention = layer.attention.self
@@ -125,21 +137,32 @@ def reference_encoder_logits(model, prompt: torch.Tensor, texts: list[str]) -> t
         context = (weights @ values).transpose(1, 2).reshape(rows, width, -1)
         attended = layer.attention.output(context, hidden)
         hidden = layer.output(layer.intermediate(attended), attended)
-    if config.model_type == "roberta":
+    if config.model_type in ("roberta", "electra"):  # their heads read the first token themselves
         return task_model.classifier(hidden)
     return task_model.classifier(base.pooler(hidden))
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+def encoder_reference_gaps(directory: str) -> tuple[float, float, float]:
+    """max |logit difference| from the explicit float64 attention: ours in float64, ours in float32, and the
+    logits without the prefix (so that the check can fail)."""
+    gaps = []
+    for dtype in (torch.float64, torch.float32):
+        model = deep_model(directory, "classifier", seed=4, dtype=dtype)
+        params = {"prompt": model.params["prompt"], **{k: v.to(dtype) for k, v in model.head_params().items()}}
+        with torch.no_grad():
+            ours = model.logits(params, model.encode(TEXTS)).double()  # not predict: it rounds to float32
+            if dtype == torch.float64:
+                expected = reference_encoder_logits(model, params["prompt"], TEXTS)
+                without = model.logits({**params, "prompt": params["prompt"] * 0}, model.encode(TEXTS))
+        gaps.append(float((ours - expected).abs().max()))
+    return gaps[0], gaps[1], float((without - expected).abs().max())
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
 def test_encoder_deep_prompt_equals_an_explicit_float64_attention(family, family_dirs):
-    model = deep_model(family_dirs[family], "classifier", seed=4, dtype=torch.float64)
-    params = {"prompt": model.params["prompt"], **{k: v.double() for k, v in model.head_params().items()}}
-    with torch.no_grad():
-        expected = reference_encoder_logits(model, params["prompt"], TEXTS)
-        ours = model.logits(params, model.encode(TEXTS))  # float64: predict would round to float32
-        without = model.logits({**params, "prompt": params["prompt"] * 0}, model.encode(TEXTS))
-    assert ours.dtype == torch.float64 and (ours - expected).abs().max() < 1e-10
-    assert (without - expected).abs().max() > 1e-3  # the prefix matters: the check can fail
+    float64, float32, without_prefix = encoder_reference_gaps(family_dirs[family])
+    assert float64 < 1e-10 and float32 < 1e-5
+    assert without_prefix > 1e-3  # the prefix matters: the check can fail
 
 
 @pytest.mark.parametrize("family", ["deberta-v2", "t5"])
@@ -164,6 +187,10 @@ def test_stacked_deep_prompts_equal_a_loop_and_reach_second_derivatives(family_d
     stacked = model.loss({**params, "prompt": variants}, batch)  # (G, B)
     loop = torch.stack([model.loss({**params, "prompt": v}, batch) for v in variants])
     assert stacked.shape == (3, 5) and (stacked - loop).abs().max() < 1e-5
+    deltas = 0.1 * torch.randn(2, *batch.input_ids.shape, model.embedding_dim)  # G input perturbations, one prompt
+    stacked = model.loss(params, batch, input_perturbation=deltas)
+    loop = torch.stack([model.loss(params, batch, input_perturbation=d) for d in deltas])
+    assert stacked.shape == (2, 5) and (stacked - loop).abs().max() < 1e-5
     prompt = params["prompt"].clone().requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):  # as landscape.hessian does: the fused CPU kernel has no double backward
         (gradient,) = torch.autograd.grad(model.loss({**params, "prompt": prompt}, batch).mean(), prompt,
@@ -225,3 +252,115 @@ def test_prompt_perturbations_of_a_deep_prompt_are_relative_to_each_layers_scale
     assert abs(size / (config.rho * offset.numel() ** 0.5) - 1) < 1e-5
     clean = model.loss(params, batch).mean()
     assert model.loss({**params, "prompt": params["prompt"] + offset}, batch).mean() > clean  # an ascent
+
+
+def test_per_layer_curvature_equals_the_blocks_of_a_dense_hessian(family_dirs):
+    from landscape.measures.layer_curvature import layer_curvature
+
+    model = deep_model(family_dirs["gpt2"], "classifier", seed=9, length=2, dtype=torch.float64)
+    batch = model.encode(TEXTS, [0, 1, 1, 0, 1])
+    head = {k: v for k, v in model.params.items() if k != "prompt"}
+    prompt = model.params["prompt"]  # (2, L*2*H*d)
+
+    def loss_fn(p):
+        return model.loss({**head, **p}, batch).mean()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        dense = torch.autograd.functional.hessian(lambda x: loss_fn({"prompt": x.reshape(prompt.shape)}),
+                                                  prompt.reshape(-1))  # (N, N) float64
+    layers = model.prefix_shape.layers
+    index = torch.arange(prompt.numel()).reshape(prompt.shape[0], layers, -1)  # which entries are layer l's
+    result = layer_curvature(loss_fn, {"prompt": prompt}, layers, trace=True, tol=1e-10, trace_hvps=3 * index[:, 0].numel())
+    for layer in range(layers):
+        block = index[:, layer].reshape(-1)
+        expected = dense[block][:, block]
+        top = torch.linalg.eigvalsh(expected)[-1].item()
+        assert abs(result["layer_hessian_top_eigenvalue"][layer] - top) < 1e-6 * max(1.0, abs(top))
+        # Hutch++ with as many sketch vectors as the block has coordinates is exact
+        assert abs(result["layer_hessian_trace"][layer] - expected.trace().item()) < 1e-6 * max(1.0, abs(top))
+    assert abs(sum(result["layer_hessian_trace"]) - dense.trace().item()) < 1e-6 * dense.abs().max().item()
+
+
+def test_filter_normalization_of_a_deep_prompt_is_per_token_and_layer(family_dirs):
+    from landscape.grid.directions import prompt_directions
+
+    model = deep_model(family_dirs["llama"], "classifier", seed=10)
+    batch = model.encode(TEXTS, [0, 1, 1, 0, 1])
+    plane = prompt_directions(model, dict(model.params), [batch], kind="gradient", norm="filter", seed=0)
+    layers = model.prefix_shape.layers
+    for direction in (plane.d1["prompt"], plane.d2["prompt"]):
+        rows = direction.double().reshape(3 * layers, -1).norm(dim=1)
+        reference = model.params["prompt"].double().reshape(3 * layers, -1).norm(dim=1)
+        assert torch.allclose(rows, reference, rtol=1e-5)
+    assert abs(float((plane.d1["prompt"].double() * plane.d2["prompt"].double()).sum())) < 1e-6 * float(
+        plane.d1["prompt"].double().norm() ** 2)
+
+
+def test_prefix_projection_trains_the_mlp_and_saves_its_prefix(family_dirs, toy_csv, tmp_path):
+    """The MLP's gradient is the chain rule through the prefix's; the checkpoint holds the MLP's output."""
+    from ptp_core import projection
+    from ptp_core.train import TrainConfig, initial_params, train
+
+    config = TrainConfig(model=family_dirs["bert"], task=toy_csv, out=str(tmp_path / "run"), steps=4, batch_size=8,
+                         prompt_length=2, eval_every=2, eval_examples=8, test_examples=8, progress=False,
+                         dtype="float32", prompt_type="deep", prefix_projection=True, prefix_hidden=8,
+                         method="ptp-rn", perturb=__import__("ptp_core.perturb").perturb.PerturbConfig(
+                             target="prompt", reg_warmup=0, reg_ramp=0))
+    model = deep_model(family_dirs["bert"], "classifier")
+    trainable, reparam = initial_params(config, model, torch.Generator().manual_seed(0))
+    assert trainable[projection.OUT_W].shape == (model.prompt_width, 8)
+    batch = model.encode(TEXTS, [0, 1, 1, 0, 1])
+    params = reparam.forward(trainable)
+    model.loss(params, batch).mean().backward()
+    reparam.backward(params, trainable)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in trainable.items()}
+    direct = model.loss({**{k: v for k, v in leaves.items() if not k.startswith(projection.PREFIX)},
+                         "prompt": projection.prefix(leaves)}, batch).mean()
+    for name, gradient in zip(leaves, torch.autograd.grad(direct, list(leaves.values()))):
+        assert torch.allclose(trainable[name].grad, gradient, atol=1e-6), name
+    out = train(config)
+    saved = load_checkpoint(out)
+    assert saved.params["prompt"].shape == (2, model.prompt_width) and saved.meta["prefix_projection"]
+    assert json.loads((out / "adapter_config.json").read_text())["prefix_projection"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,head", [("bert", "classifier"), ("gpt2", "verbalizer")])
+def test_deep_prompt_end_to_end_train_then_plot_both_spaces_with_curvature(family, head, tiny_dirs, toy_csv,
+                                                                          tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "deep"
+    command = [sys.executable, "-m", "ptp_core.train", "--model", tiny_dirs[family], "--head", head, "--task", toy_csv,
+               "--prompt-type", "deep", "--method", "ptp-adv", "--target", "prompt", "--reg-warmup", "0",
+               "--steps", "4", "--batch-size", "8", "--prompt-len", "2", "--eval-every", "2", "--snapshot-every", "1",
+               "--eval-examples", "8", "--test-examples", "8", "--out", str(run), "--no-progress"]
+    if head == "verbalizer":
+        command += ["--label-words", "negative,positive", "--template", TEMPLATE]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    figures = tmp_path / "fig"
+    result = subprocess.run([sys.executable, "-m", "landscape.plot", str(run), "--out", str(figures), "--grid", "3",
+                             "--examples", "8", "--space", "both", "--metrics", "surface,hessian,trace,sharpness",
+                             "--metric-examples", "8", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((figures / "metrics.json").read_text())[0]
+    assert row["prompt_type"] == "deep" and len(row["layer_hessian_top_eigenvalue"]) == 2
+    assert all(v == v for v in row["layer_hessian_trace"]) and row["hessian_eigenvalues"][0] == row["hessian_eigenvalues"][0]
+    assert (figures / "layer_curvature.pdf").is_file() or (figures / "layer_curvature.png").is_file()
+    assert "per layer" in (figures / "metrics.md").read_text()
+    spec = json.loads(next((figures / "surfaces").glob("*-prompt.json")).read_text())
+    assert spec["prompt_type"] == "deep"
+
+
+def test_cli_refuses_deep_prompts_where_they_cannot_run_in_one_line(family_dirs, toy_csv, tmp_path):
+    import subprocess
+    import sys
+
+    for model, extra, message in ((family_dirs["deberta-v2"], ["--prompt-type", "deep"], "attention interface"),
+                                  (family_dirs["bert"], ["--prefix-projection"], "add --prompt-type deep")):
+        out = tmp_path / "run"
+        result = subprocess.run([sys.executable, "-m", "ptp_core.train", "--model", model, "--task", toy_csv,
+                                 "--steps", "1", "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr and not out.exists()

@@ -2,7 +2,8 @@
 
 Same model, examples, directions and grid for all three. Prints points/s, the ratios, and the
 model FLOP/s of each as a fraction of this machine's dense matmul throughput (measured here,
-same dtype).
+same dtype). The row "ours, deep prompt" evaluates the same grid over a deep prompt of the same length
+(keys and values in every layer, random filter-normalized directions) on the same backbone.
 
     python bench/grid.py --checkpoint /tmp/bench_ckpt --examples 32 --grid 7
     python bench/grid.py --model minilm --examples 32 --grid 7     # untrained prompt from init_params
@@ -22,7 +23,8 @@ from landscape.grid.directions import prompt_directions
 from landscape.grid.evaluate import auto_chunk, evaluate_points
 from landscape.grid.spec import SurfaceSpec
 from ptp_core.encoding import batch_split
-from ptp_core.backbones import DTYPES, resolve_dtype
+from ptp_core.backbones import DTYPES, Backbone, resolve_dtype
+from ptp_core.model import PromptModel
 
 
 def matmul_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -105,6 +107,16 @@ def loss_landscapes_plane(model, directions, batches, alphas, dtype) -> np.ndarr
         return loss_landscapes.planar_interpolation(start, end_one, end_two, metric, steps=steps)
 
 
+def deep_twin(model, batches):
+    """A deep prompt of the same length on the same backbone (built from the shallow one's init) and its
+    random filter-normalized directions."""
+    backbone = Backbone(model.backbone, model.tokenizer, model.kind, model.model_name, model.model_path)
+    deep = PromptModel(backbone, model.head, model.num_labels, model.label_words, model.template, model.max_length,
+                       prompt_type="deep")
+    deep = deep.with_params({**model.params, "prompt": deep.deep_from_shallow(model.params["prompt"])})
+    return deep, prompt_directions(deep, deep.params, batches, "random", "filter", 0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (else --model with an init prompt)")
@@ -151,12 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32, device=model.device)
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32, device=model.device)
 
-    def ours(compute: torch.dtype) -> np.ndarray:
+    def ours(compute: torch.dtype, model=model, directions=directions, chunk=chunk) -> np.ndarray:
         out = [evaluate_points(model, batches, order, grid_a[s:s + chunk], grid_b[s:s + chunk], directions,
                                dtype=compute)[0] for s in range(0, points, chunk)]
         return np.concatenate(out).reshape(alphas.size, betas.size)
 
+    deep, deep_directions = deep_twin(model, batches)
+    deep_chunk = args.chunk or auto_chunk(deep, batches, points, deep.params["prompt"].shape[-2])
     evaluators = {"ours": lambda: ours(dtype), f"ours ({auto}, auto)": lambda: ours(DTYPES[auto]),
+                  "ours, deep prompt": lambda: ours(dtype, deep, deep_directions, deep_chunk),
                   "loop": lambda: per_point_loop(model, directions, stored_batches, alphas, betas, dtype),
                   "loss-landscapes": lambda: loss_landscapes_plane(model, directions, stored_batches, alphas, dtype)}
     compute_of = {name: DTYPES[auto] if "auto" in name else dtype for name in evaluators}
@@ -181,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
                       "matmul_fraction": flops * points / seconds / peak[compute_of[name]]}
                for name, seconds in best.items()}
     reference = surfaces["ours"]
+    surfaces.pop("ours, deep prompt", None)  # another prompt: another surface
+    if "ours, deep prompt" in results:  # no virtual tokens in the sequence: the text's FLOPs (the prefix's few ignored)
+        deep_row = results["ours, deep prompt"]
+        deep_row.update(max_abs_diff_vs_ours=float("nan"), matmul_fraction=model_flops_per_point(
+            model, batches, 0) * points / deep_row["seconds"] / peak[dtype])
     for name, surface in surfaces.items():
         # loss-landscapes' zig-zag evaluates odd rows one beta-step lower: compare its even rows only
         rows = slice(None, None, 2) if name == "loss-landscapes" else slice(None)

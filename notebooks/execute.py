@@ -1,7 +1,9 @@
 """Execute every notebook in place, outputs stored, so that they read on a repository browser (`make notebooks`).
 
 Fast mode (PTP_FAST=1: the embedded minilm and rotten_tomatoes at tiny settings), the same run as the test
-suite's, in a scratch folder so that no run folder is left in notebooks/.
+suite's, in a scratch folder so that no run folder is left in notebooks/. Names run only those notebooks:
+
+    python notebooks/execute.py 04_ptp_in_your_trainer
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ def execute(path: Path, workdir: Path) -> None:
 
 def main(names: list[str]) -> None:
     os.environ.setdefault("PTP_FAST", "1")
+    unknown = sorted(set(names) - {path.stem for path in NOTEBOOKS})
+    if unknown:
+        print(f"error: no notebook named {', '.join(unknown)}; choose from "
+              f"{', '.join(path.stem for path in NOTEBOOKS)}", file=sys.stderr)
+        raise SystemExit(2)
     for path in NOTEBOOKS:
         if names and path.stem not in names:
             continue

@@ -8,9 +8,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_three_notebooks_are_stored_executed_in_order_without_errors():
+def test_four_notebooks_are_stored_executed_in_order_without_errors():
     """Committed with their outputs (`make notebooks`), so that they read on a repository browser."""
-    assert len(NOTEBOOKS) == 3
+    assert len(NOTEBOOKS) == 4
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         code = [cell for cell in book.cells if cell.cell_type == "code"]

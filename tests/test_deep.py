@@ -364,3 +364,24 @@ def test_cli_refuses_deep_prompts_where_they_cannot_run_in_one_line(family_dirs,
                                  "--steps", "1", "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr and not out.exists()
+
+
+def test_connectivity_and_spectrum_run_on_deep_prompts(family_dirs, toy_csv):
+    """Two deep prompts: both paths between them end at each (t = 0 and 1 are the checkpoints); the spectrum's
+    weights sum to one; sharpness runs."""
+    from landscape.connect.run import ConnectConfig, connect_params
+    from landscape.measures.row import MetricsConfig, measure
+    from ptp_core.data import load_task
+
+    task = load_task(toy_csv)
+    model = deep_model(family_dirs["roberta"], "classifier", seed=11, length=2)
+    other = {**model.params, "prompt": deep_model(family_dirs["roberta"], "classifier", seed=12, length=2).params["prompt"]}
+    result = connect_params(model, dict(model.params), other, task.splits["train"], task.splits["test"],
+                            ConnectConfig(steps=2, batch_size=8, points=3, examples=8, dtype="float32"), progress=False)
+    ends = [model.loss(p, model.encode(task.splits["test"].texts[:8], task.splits["test"].labels[:8])).mean().item()
+            for p in (model.params, other)]
+    assert abs(result.linear.losses[0] - ends[0]) < 1e-5 and abs(result.curve.losses[-1] - ends[1]) < 1e-5
+    row = measure(model, dict(model.params), task.splits["test"], None,
+                  MetricsConfig(which=("spectrum", "sharpness"), examples=8, spectrum_probes=2, spectrum_steps=5))
+    assert abs(sum(row["hessian_spectrum_weights"]) - 1) < 1e-6 and row["worst_case_sharpness"] >= 0
+    assert row["prompt_type"] == "deep"

@@ -13,7 +13,6 @@ objective.
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import torch
 from torch import Tensor, nn
@@ -23,12 +22,13 @@ from ptp_core.backbones import Backbone, model_kind
 from ptp_core.data import DEFAULT_TEMPLATE
 from ptp_core.encoding import Batch
 from ptp_core.model import PromptModel, cross_entropy
+from ptp_core.noise import ExampleNoise, example_noise, keyed_generator
 from ptp_core.perturb import PerturbConfig, ptp_loss
 from ptp_core.train import METHODS
 
 HEAD_BY_TASK_TYPE = {"SEQ_CLS": "classifier", "CAUSAL_LM": "verbalizer", "SEQ_2_SEQ_LM": "verbalizer"}
-PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")  # PEFT types whose virtual tokens are input embeddings
-LOGGED = ("clean_loss", "perturbed_loss", "reg_weight")
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # PREFIX_TUNING: our deep prompt
+EXAMPLE_ID = "example_id"  # an optional dataset column that keys each example's noise (example_keys)
 
 
 def peft_prompt(peft_model: nn.Module) -> Tensor:
@@ -36,15 +36,17 @@ def peft_prompt(peft_model: nn.Module) -> Tensor:
 
     PROMPT_TUNING: the embedding table itself (a SEQ_2_SEQ_LM table keeps a second block that prompt tuning never
     feeds to the encoder). P_TUNING (PromptEncoderConfig): the encoder's output, as PEFT's get_prompt computes it.
+    PREFIX_TUNING: the (P, L*2*H*d) prefix, our deep prompt's layout (with prefix_projection: the MLP's output).
     """
     config = peft_model.active_peft_config
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     if peft_type not in PROMPT_TYPES:
-        raise ValueError(f"a {peft_type} adapter has no input-level prompt; use PromptTuningConfig or "
-                         f"PromptEncoderConfig (P-tuning)")
+        raise ValueError(f"a {peft_type} adapter has no prompt; use PromptTuningConfig, PromptEncoderConfig "
+                         f"(P-tuning) or PrefixTuningConfig")
     count = config.num_virtual_tokens
-    if peft_type == "PROMPT_TUNING" or config.inference_mode:  # a loaded P-tuning adapter stores its output
+    projected = peft_type != "PROMPT_TUNING" and (peft_type == "P_TUNING" or config.prefix_projection)
+    if not projected or config.inference_mode:  # a loaded P-tuning adapter stores its output
         return encoder.embedding.weight[:count]  # (P, D)
     tokens = peft_model.prompt_tokens[peft_model.active_adapter].unsqueeze(0).to(encoder.embedding.weight.device)
     return encoder(tokens)[0, :count]  # (P, D): the whole sequence goes in, as a bidirectional LSTM needs
@@ -82,7 +84,9 @@ def prompt_model(peft_model: nn.Module, tokenizer, head: str | None = None, labe
     backbone = Backbone(task_model, tokenizer, model_kind(task_model.config), name, name)
     num_labels = task_model.config.num_labels if head == "classifier" else len(label_words)
     default_template = DEFAULT_TEMPLATE if head == "verbalizer" else "{text}"
-    return PromptModel(backbone, head, num_labels, label_words, template or default_template, max_length)
+    prompt_type = "deep" if str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING" else "shallow"
+    return PromptModel(backbone, head, num_labels, label_words, template or default_template, max_length,
+                       prompt_type=prompt_type)
 
 
 def peft_params(peft_model: nn.Module, model: PromptModel) -> dict[str, Tensor]:
@@ -134,21 +138,47 @@ def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor]) -> Batch:
     return Batch(input_ids, attention, text_mask, answer, labels, inputs.get("token_type_ids"))
 
 
-def step_generator(seed: int, step: int, micro_step: int, process: int = 0) -> torch.Generator:
-    """The perturbation stream of one micro-batch: a CPU generator seeded from (seed, optimizer step, micro-batch
-    within the step, process), so a run repeats and no two micro-batches or processes share noise."""
-    key = hashlib.sha256(f"{seed}/{step}/{micro_step}/{process}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+def example_keys(inputs: dict[str, Tensor], micro_step: int, process: int, processes: int,
+                 batch_size: int) -> list[int]:
+    """Each example's noise key (B,): its `example_id` when the dataset has that column; else its place in the
+    optimizer step's global batch, (micro-batch * processes + process) * batch_size + row, which is the same for
+    2 x 4 accumulated, 2 processes x 4 and one batch of 8 (accelerate hands each process whole, consecutive
+    batches: micro-batch m of process r is batch m * processes + r of the step)."""
+    if EXAMPLE_ID in inputs:
+        return [int(key) for key in inputs[EXAMPLE_ID].tolist()]
+    first = (micro_step * processes + process) * batch_size
+    return list(range(first, first + inputs["input_ids"].shape[0]))
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """compute_metrics for PTPTrainer: the fraction of examples whose largest class logit is their label."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def average_gradients(parameters: list[Tensor], processes: int) -> None:
+    """Replace each parameter's .grad by its mean over the processes (one all-reduce of the flattened gradients)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])  # (N,)
+    dist.all_reduce(flat)
+    for parameter, gradient in zip(parameters, flat.div_(processes).split([g.numel() for g in grads])):
+        parameter.grad = gradient.view_as(parameter)
 
 
 class PTPTrainer(Trainer):
     """transformers.Trainer on a PEFT prompt model with L = CE(clean) + lam CE(perturbed) (PTP, Chen et al. 2023).
 
     method: pt | ptp-rn | ptp-adv; perturb: the perturbation and lam's warm-up and ramp, counted in optimizer steps
-    (the step being taken, 1-based, as in our loop). Noise is seeded per micro-batch from TrainingArguments.seed
-    (step_generator). clean_loss, perturbed_loss and reg_weight (lam) join Trainer's logs at logging steps, so
-    report_to receives them. Evaluation scores the clean loss and returns the class logits. The loss is the mean
-    over a micro-batch's examples and Trainer divides it by the accumulation steps (exact for equal micro-batches).
+    (the step being taken, 1-based, as in our loop). Noise is drawn per example (example_keys): gradient
+    accumulation and processes split a batch without changing its perturbations; a prompt perturbation, shared by
+    the batch, is drawn once per optimizer step. clean_loss, perturbed_loss and reg_weight (lam), averaged over
+    the steps and processes since the last log, join Trainer's logs, so report_to receives them. Evaluation scores
+    the clean loss and returns the class logits (compute_metrics=accuracy adds eval_accuracy). Mixed precision
+    follows TrainingArguments (bf16; fp16 on CUDA, the adversarial ascents at the loss scaler's scale). One
+    process or DDP (torchrun, accelerate launch); the loss is the mean over a micro-batch's examples and Trainer
+    divides it by the accumulation steps (exact for equal micro-batches).
     """
 
     def __init__(self, *args, method: str = "pt", perturb: PerturbConfig | None = None,
@@ -162,52 +192,103 @@ class PTPTrainer(Trainer):
             raise ValueError("PTPTrainer needs the tokenizer (processing_class=tokenizer): perturbations spare its "
                              "special tokens")
         self.method, self.perturb = method, perturb or PerturbConfig()
+        self._check_setup()
         self.prompt_model = prompt_model(self.model, self.processing_class, label_words=label_words)
         self.model_accepts_loss_kwargs = False  # an example mean per micro-batch: Trainer divides by the GA steps
         self._noise_step, self._micro_step = -1, 0
         self._sums: dict[str, list] = {}  # name -> [sum of detached values, count] since the last log
 
+    def _check_setup(self) -> None:
+        kind = str(getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type))
+        if kind != "NO" and not kind.startswith("MULTI_"):
+            raise ValueError(f"PTPTrainer runs in one process or under DDP (torchrun, accelerate launch); {kind} "
+                             "shards or wraps the parameters its loss reads directly")
+        if self.args.fp16 and self.accelerator.scaler is None:
+            raise ValueError("fp16 needs a CUDA device for its loss scaler (without one accelerate trains in float32 "
+                             "and says nothing); on a CPU pass bf16=True")
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_ID not in self._signature_columns:
+            self._signature_columns.append(EXAMPLE_ID)  # Trainer would drop it: PEFT's forward does not take it
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):
         """PTP's training loss on Trainer's inputs (a scalar); with return_outputs (evaluation) the clean loss and
-        {"logits": (B, C)}. `model` may be wrapped (DDP, compile); PEFT's parameters are reached through self.model."""
+        {"logits": (B, C)}. `model` may be wrapped (DDP, compile); PEFT's parameters are reached through self.model.
+
+        accelerate puts its autocast (bf16, fp16) around model.forward, which this loss never calls: it is
+        entered here."""
         batch = batch_from_inputs(self.prompt_model, inputs)
-        params = peft_params(self.model, self.prompt_model)
-        if return_outputs:
-            logits = self.prompt_model.logits(params, batch)  # (B, C)
-            return cross_entropy(logits, batch.labels).mean(), {"logits": logits}
-        step = self.state.global_step + 1
-        weight = self.perturb.weight_at(step) if self.method != "pt" else 0.0
-        if weight == 0:  # PT, or PTP in its warm-up: no perturbation is drawn, as in our loop
-            loss = self.prompt_model.loss(params, batch).mean()
-            self._record({"clean_loss": loss.detach()}, weight)
-            return loss
-        loss, parts = ptp_loss(self.prompt_model, params, batch, self.method, self.perturb,
-                               self.noise_generator(), weight)
+        with self.accelerator.autocast():
+            params = peft_params(self.model, self.prompt_model)
+            if return_outputs:
+                logits = self.prompt_model.logits(params, batch).float()  # (B, C)
+                return cross_entropy(logits, batch.labels).mean(), {"logits": logits}
+            step = self.state.global_step + 1
+            weight = self.perturb.weight_at(step) if self.method != "pt" else 0.0
+            if weight == 0:  # PT, or PTP in its warm-up: no perturbation is drawn, as in our loop
+                loss = self.prompt_model.loss(params, batch).mean()
+                self._record({"clean_loss": loss.detach()}, weight)
+                return loss
+            loss, parts = ptp_loss(self.prompt_model, params, batch, self.method, self.perturb,
+                                   self.noise(inputs, batch), weight, self.ascent_scale())
         self._record(parts, weight)
         return loss
 
-    def noise_generator(self) -> torch.Generator:
-        """step_generator for the micro-batch being computed now (micro-batches are counted within each step)."""
-        if self._noise_step != self.state.global_step:
-            self._noise_step, self._micro_step = self.state.global_step, 0
-        generator = step_generator(self.args.seed, self.state.global_step + 1, self._micro_step,
-                                   self.args.process_index)
-        self._micro_step += 1
-        return generator
+    def noise(self, inputs: dict[str, Tensor], batch: Batch) -> torch.Generator | ExampleNoise:
+        """The randomness of the micro-batch computed now: per example (example_keys) for the input and text
+        targets; for the prompt, one stream per optimizer step, shared by its micro-batches and processes."""
+        step = self.state.global_step + 1
+        if self._noise_step != step:
+            self._noise_step, self._micro_step = step, 0
+        micro_step, self._micro_step = self._micro_step, self._micro_step + 1
+        if self.perturb.target == "prompt":
+            return keyed_generator(self.args.seed, step)
+        keys = example_keys(inputs, micro_step, self.args.process_index, self.args.world_size,
+                            self._train_batch_size)
+        return example_noise(self.args.seed, step, keys, batch.attention_mask)
+
+    def ascent_scale(self) -> float:
+        """The factor Trainer's backward puts on the clean loss: the fp16 loss scaler's scale over the accumulation
+        steps (1 without a scaler). The ascents' own backwards are taken at it, so they underflow no more than it."""
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return scaler.get_scale() / getattr(self, "current_gradient_accumulation_steps",
+                                            self.args.gradient_accumulation_steps)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Tensor],
+                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        """Trainer's step; with several processes, the trainable gradients averaged over them after the optimizer
+        step's last micro-batch.
+
+        The loss reads PEFT's parameters directly, not through the DDP wrapper's forward (which is PEFT's own
+        forward; making it this loss would hand Trainer another model to save, load and inspect), and DDP arms its
+        all-reduce only inside that forward (Reducer.prepare_for_backward): its gradient hooks stay idle. So the
+        gradients are averaged here, where DDP would have synchronized (after the last micro-batch, outside
+        no_sync) and before Trainer unscales, clips and steps: the mean over processes of per-process mean losses,
+        DDP's own semantics. Were DDP to synchronize as well, averaging equal gradients changes nothing."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            average_gradients([p for p in self.model.parameters() if p.requires_grad], self.accelerator.num_processes)
+        return loss
 
     def _record(self, parts: dict[str, Tensor], weight: float) -> None:
         if self.method == "pt":
             parts = {k: v for k, v in parts.items() if k == "clean_loss"}
         else:
-            parts = {**parts, "reg_weight": torch.tensor(weight)}
+            parts = {**parts, "reg_weight": torch.tensor(weight, device=parts["clean_loss"].device)}
         for name, value in parts.items():
             total, count = self._sums.get(name, (0.0, 0))
             self._sums[name] = [total + value.float(), count + 1]  # summed on the device: no sync per micro-batch
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Trainer's log, with the means of clean_loss, perturbed_loss and reg_weight since the last training log."""
+        """Trainer's log, with the means of clean_loss, perturbed_loss and reg_weight since the last training log
+        (averaged over the processes, as Trainer averages its loss)."""
         if "loss" in logs and self._sums:
-            logs = {**logs, **{name: float(total) / count for name, (total, count) in self._sums.items()}}
+            means = torch.stack([total / count for total, count in self._sums.values()])  # (N,)
+            means = self.accelerator.gather(means[None]).mean(0)  # (N,): every process logs, so all gather
+            logs = {**logs, **dict(zip(self._sums, means.tolist()))}
             self._sums = {}
         super().log(logs, start_time)

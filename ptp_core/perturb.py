@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ptp_core.encoding import Batch
 from ptp_core.model import PromptModel
+from ptp_core.noise import draw
 from ptp_core.text_perturb import REPLACEMENTS, hotflip, mask_text
 
 TARGETS = ("input", "prompt", "text")
@@ -106,14 +107,14 @@ def prompt_unit(model: PromptModel, prompt: Tensor) -> float | Tensor:
 
 
 def _randn(shape, generator: torch.Generator, like: Tensor) -> Tensor:
-    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+    return draw(torch.randn, shape, generator, like)
 
 
 def random_noise(shape: tuple[int, ...], rms: float | Tensor, noise: str, generator: torch.Generator, like: Tensor) -> Tensor:
     """Noise of the given RMS per coordinate: Gaussian N(0, rms^2) or uniform on [-sqrt(3) rms, sqrt(3) rms]."""
     if noise == "gaussian":
         return _randn(shape, generator, like) * rms
-    return (torch.rand(shape, generator=generator).to(like.device, like.dtype) * 2 - 1) * (math.sqrt(3) * rms)
+    return (draw(torch.rand, shape, generator, like) * 2 - 1) * (math.sqrt(3) * rms)
 
 
 def ball_radius(batch: Batch, epsilon: float, rms: float, dim: int, norm: str) -> Tensor:
@@ -144,18 +145,31 @@ def ascent_step(delta: Tensor, gradient: Tensor, radius: Tensor, step_size: floa
     return project(delta + step_size * radius * direction, radius, norm)
 
 
+def ascent_gradient(loss: Tensor, inputs: list[Tensor], grad_scale: float = 1.0,
+                    retain_graph: bool = False) -> list[Tensor]:
+    """d(loss)/d(inputs) for an ascent, taken of grad_scale * loss (an fp16 loss scaler's scale keeps it from
+    underflowing) and divided back; non-finite (an fp16 overflow: the scaler skips that step) gives no ascent."""
+    grads = torch.autograd.grad(loss * grad_scale, inputs, retain_graph=retain_graph)
+    return [finite(g / grad_scale) for g in grads]
+
+
+def finite(gradient: Tensor) -> Tensor:
+    """The gradient, or zeros where any of its values is not finite (no ascent step from it)."""
+    return torch.where(gradient.isfinite().all(), gradient, 0.0)
+
+
 def random_start(batch: Batch, shape: tuple[int, ...], radius: Tensor, config: PerturbConfig,
                  generator: torch.Generator, like: Tensor) -> Tensor:
     """(B, T, D) start inside the ball: a random direction at adv_init * radius (L2), or uniform in the cube."""
     mask = batch.text_mask.unsqueeze(-1).to(like.dtype)  # (B, T, 1)
     if config.adv_norm == "linf":
-        return (torch.rand(shape, generator=generator).to(like.device, like.dtype) * 2 - 1) * radius * config.adv_init * mask
+        return (draw(torch.rand, shape, generator, like) * 2 - 1) * radius * config.adv_init * mask
     direction = _randn(shape, generator, like) * mask
     return direction / _l2(direction).clamp_min(1e-12) * radius * config.adv_init
 
 
 def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-              generator: torch.Generator, clean_gradient: Tensor) -> Tensor:
+              generator: torch.Generator, clean_gradient: Tensor, grad_scale: float = 1.0) -> Tensor:
     """(B, T, D) K-step PGD delta in each example's ball (Madry et al. 2018), from a random start.
 
     The first ascent direction is the clean input gradient (a free by-product of the clean pass, which
@@ -169,18 +183,19 @@ def pgd_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, confi
     for _ in range(config.adv_steps - 1):
         delta.requires_grad_(True)
         loss = model.loss(frozen, batch, input_perturbation=delta).mean()
-        (gradient,) = torch.autograd.grad(loss, [delta])
+        (gradient,) = ascent_gradient(loss, [delta], grad_scale)
         delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
     return delta.detach()
 
 
 def _freelb_ascent(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-                   generator: torch.Generator, param_gradients: bool) -> tuple[Tensor, list[Tensor] | None, list[Tensor]]:
+                   generator: torch.Generator, param_gradients: bool, grad_scale: float = 1.0
+                   ) -> tuple[Tensor, list[Tensor] | None, list[Tensor]]:
     """FreeLB's K ascent steps (Zhu et al. 2020): the mean CE over them and the K deltas.
 
     param_gradients: each step's backward also gives the params' gradients, averaged and returned, the loss
     detached (our loop: one backward a step); otherwise the loss keeps its graph for the caller's backward
-    (transformers.Trainer) and each step differentiates the delta only."""
+    (transformers.Trainer) and each step differentiates the delta only, at grad_scale (ascent_gradient)."""
     like = model.backbone.get_input_embeddings().weight
     radius = ball_radius(batch, config.epsilon, embedding_rms(model), model.embedding_dim, config.adv_norm)
     delta = random_start(batch, (*batch.input_ids.shape, model.embedding_dim), radius, config, generator, like)
@@ -196,7 +211,7 @@ def _freelb_ascent(model: PromptModel, params: dict[str, Tensor], batch: Batch, 
             average = [a + g / steps for a, g in zip(average, grads)]
             gradient = grads[-1]
         elif ascend:
-            (gradient,) = torch.autograd.grad(loss, [delta], retain_graph=True)  # the graph stays for backward
+            (gradient,) = ascent_gradient(loss, [delta], grad_scale, retain_graph=True)  # the graph stays for backward
         if ascend:
             delta = ascent_step(delta.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
     deltas = [d.detach() for d in deltas]
@@ -204,10 +219,10 @@ def _freelb_ascent(model: PromptModel, params: dict[str, Tensor], batch: Batch, 
 
 
 def freelb_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-                generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+                generator: torch.Generator, grad_scale: float = 1.0) -> tuple[Tensor, list[Tensor]]:
     """FreeLB: the mean CE over the K ascent steps as a tensor (its gradient is the average of the K gradients)
     and the K deltas."""
-    loss, _, deltas = _freelb_ascent(model, params, batch, config, generator, param_gradients=False)
+    loss, _, deltas = _freelb_ascent(model, params, batch, config, generator, False, grad_scale)
     return loss, deltas
 
 
@@ -218,7 +233,7 @@ def freelb_input(model: PromptModel, params: dict[str, Tensor], batch: Batch, co
 
 
 def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, config: PerturbConfig,
-               clean_gradient: Tensor) -> Tensor:
+               clean_gradient: Tensor, grad_scale: float = 1.0) -> Tensor:
     """(P, D) worst-case prompt offset in the rho-ball: SAM's e = rho g/|g| (Foret et al. 2021), K-step PGD.
 
     The ball is in units of prompt_unit: offset = unit * z with z in the ball of per-coordinate RMS rho, so z's
@@ -235,30 +250,31 @@ def sam_prompt(model: PromptModel, params: dict[str, Tensor], batch: Batch, conf
     for _ in range(config.adv_steps - 1):
         z.requires_grad_(True)
         loss = model.loss({**frozen, "prompt": prompt + unit * z[0]}, batch).mean()
-        (gradient,) = torch.autograd.grad(loss, [z])
+        (gradient,) = ascent_gradient(loss, [z], grad_scale)
         z = ascent_step(z.detach(), gradient, radius, config.adv_step_size, config.adv_norm)
     return (unit * z[0]).detach()
 
 
 def perturbed_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str, config: PerturbConfig,
                    generator: torch.Generator, input_gradient: Tensor | None = None,
-                   prompt_gradient: Tensor | None = None) -> Tensor:
+                   prompt_gradient: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
     """Mean CE of the perturbed pass as a tensor: the one regularizer of our loop and of ptp_core.hf's Trainer.
 
     The clean loss's gradients seed the adversarial ascents: `input_gradient` (R, T, D) PGD's first step and
-    HotFlip, `prompt_gradient` (P, D) SAM's; the ascents differentiate the perturbation only."""
+    HotFlip, `prompt_gradient` (P, D) SAM's; the ascents differentiate the perturbation only (the input ascents at
+    grad_scale, ascent_gradient). generator: a torch.Generator, or ptp_core.noise.ExampleNoise for input and text."""
     adversarial = method == "ptp-adv"
     if config.target == "input" and adversarial and config.adv_free:
-        return freelb_loss(model, params, batch, config, generator)[0]
+        return freelb_loss(model, params, batch, config, generator, grad_scale)[0]
     if config.target == "input":
         shape = (*batch.input_ids.shape, model.embedding_dim)
         table = model.backbone.get_input_embeddings().weight
-        perturbation = (pgd_input(model, params, batch, config, generator, input_gradient) if adversarial else
-                        random_noise(shape, config.sigma * embedding_rms(model), config.noise, generator, table))
+        perturbation = (pgd_input(model, params, batch, config, generator, input_gradient, grad_scale) if adversarial
+                        else random_noise(shape, config.sigma * embedding_rms(model), config.noise, generator, table))
         return model.loss(params, batch, input_perturbation=perturbation).mean()
     if config.target == "prompt":
         prompt = params["prompt"]
-        offset = (sam_prompt(model, params, batch, config, prompt_gradient) if adversarial else
+        offset = (sam_prompt(model, params, batch, config, prompt_gradient, grad_scale) if adversarial else
                   random_noise(tuple(prompt.shape), config.sigma * prompt_unit(model, prompt), config.noise,
                                generator, prompt))
         return model.loss({**params, "prompt": prompt + offset}, batch).mean()
@@ -280,22 +296,32 @@ def _clean_pass(model: PromptModel, params: dict[str, Tensor], batch: Batch, met
 
 
 def ptp_loss(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str, config: PerturbConfig,
-             generator: torch.Generator, reg_weight: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             generator: torch.Generator, reg_weight: float | None = None, grad_scale: float = 1.0
+             ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = CE(clean) + lam CE(perturbed) (PTP, Chen et al. 2023, eq. 1), batch means, as a tensor to backpropagate
     by its caller (transformers.Trainer in ptp_core.hf: its gradient accumulation and loss scaling then apply).
 
-    The ascent's seed gradients cost one backward of the clean pass here (its graph is kept for the caller's
-    backward); ptp_gradients, which owns its backward, gets them from the clean pass's own gradient instead.
-    Also returns the detached parts to log: clean_loss, perturbed_loss. reg_weight: lam (None: config's)."""
+    When an ascent needs the clean pass's gradients (PGD, HotFlip, SAM), one backward gives them and the params'
+    clean gradients g, as in ptp_gradients; the clean term then enters the loss as sum(p * g) with its value taken
+    out, so the caller's backward does not traverse the clean pass again. Also returns the detached parts to log.
+    reg_weight: lam (None: config's). grad_scale: the factor the caller's backward puts on the clean loss (fp16:
+    the loss scaler's scale over the accumulation steps), at which the backwards here are taken too."""
     weight = config.reg_weight if reg_weight is None else reg_weight
     clean, zero = _clean_pass(model, params, batch, method, config)
-    input_gradient = prompt_gradient = None
-    if zero is not None:
-        (input_gradient,) = torch.autograd.grad(clean, [zero], retain_graph=True)
-    if method == "ptp-adv" and config.target == "prompt":
-        (prompt_gradient,) = torch.autograd.grad(clean, [params["prompt"]], retain_graph=True)
-    perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient, prompt_gradient)
-    return clean + weight * perturbed, {"clean_loss": clean.detach(), "perturbed_loss": perturbed.detach()}
+    sam = method == "ptp-adv" and config.target == "prompt"
+    if zero is None and not sam:  # no seed: the caller's backward differentiates both passes
+        perturbed = perturbed_loss(model, params, batch, method, config, generator, grad_scale=grad_scale)
+        return clean + weight * perturbed, {"clean_loss": clean.detach(), "perturbed_loss": perturbed.detach()}
+    tensors = list(params.values())
+    inputs = tensors + ([zero] if zero is not None else [])
+    grads = [g / grad_scale for g in torch.autograd.grad(clean * grad_scale, inputs)]  # one backward of the clean pass
+    input_gradient = finite(grads[-1]) if zero is not None else None
+    prompt_gradient = finite(grads[list(params).index("prompt")]) if sam else None
+    perturbed = perturbed_loss(model, params, batch, method, config, generator, input_gradient, prompt_gradient,
+                               grad_scale)
+    clean_term = sum((p * g).sum() for p, g in zip(tensors, grads))  # d/dp = g; non-finite g reaches the scaler
+    loss = clean.detach() + (clean_term - clean_term.detach()) + weight * perturbed
+    return loss, {"clean_loss": clean.detach(), "perturbed_loss": perturbed.detach()}
 
 
 def ptp_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, method: str,

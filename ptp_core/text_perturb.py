@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ptp_core.encoding import Batch
 from ptp_core.model import PromptModel
+from ptp_core.noise import draw
 
 REPLACEMENTS = ("mask", "unk", "pad")  # the token a masked text token becomes (falls back when the model lacks it)
 
@@ -38,7 +39,8 @@ def with_ids(batch: Batch, input_ids: Tensor) -> Batch:
 
 def mask_text(model: PromptModel, batch: Batch, rate: float, replacement: str, generator: torch.Generator) -> Batch:
     """A new Batch with each perturbable token replaced by the mask token with probability `rate`."""
-    chosen = (torch.rand(batch.input_ids.shape, generator=generator) < rate).to(batch.input_ids.device)
+    uniform = draw(torch.rand, tuple(batch.input_ids.shape), generator, torch.empty(0))  # (B, T) on the CPU
+    chosen = (uniform < rate).to(batch.input_ids.device)
     chosen &= perturbable(model, batch)
     return with_ids(batch, batch.input_ids.masked_fill(chosen, replacement_id(model.tokenizer, replacement)))
 

@@ -143,11 +143,12 @@ def _minutes(seconds: float) -> str:
 def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, out: str | Path,
             spaces: tuple[str, ...] = ("prompt",), *, device: str = "auto", cache_dir: Path | None = None,
             overwrite: bool = False, progress: bool = True, report: Callable[[str], None] | None = None,
-            connect: ConnectConfig | None = None) -> Comparison:
+            connect: ConnectConfig | None = None, task: str | None = None) -> Comparison:
     """Surfaces (cached under out/surfaces/), a metrics row per checkpoint, and their statistics.
 
     report(line), if given, receives time estimates: after the first grid chunk and after the first checkpoint.
-    connect: also connect every pair of seeds within a method (landscape.connect; cached under out/connect/)."""
+    connect: also connect every pair of seeds within a method (landscape.connect; cached under out/connect/).
+    task: the task of checkpoints whose ptp.json names none (adapters saved by PEFT or PTPTrainer)."""
     if not checkpoints:
         raise ValueError("no checkpoints to compare; give checkpoint directories or folders of them")
     if unknown := [s for s in spaces if s not in SPACES]:
@@ -156,7 +157,7 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     spec = spec.for_device(device)
     specs = {space: replace(spec, space=space, directions="gradient" if space == "input" else spec.directions)
              for space in spaces}  # input space has per-example gradient directions only
-    loaded = [load_checkpoint(p) for p in checkpoints]
+    loaded = [load_checkpoint(p).with_task(task) for p in checkpoints]
     tasks = _tasks(loaded)  # every task loads before anything is written
     pairs = _seed_pairs(loaded) if connect is not None else []
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
@@ -165,7 +166,9 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     for group in groups:
         key = _model_key(group[0].meta)
         if key not in models:
-            models[key] = group[0].build_model(device, cache_dir=cache_dir)
+            own = tasks[group[0].meta["task"]]  # its label words, when the checkpoint does not record them
+            models[key] = group[0].build_model(device, cache_dir=cache_dir, num_labels=own.num_labels,
+                                               label_words=None if group[0].meta.get("label_words") else own.label_words)
     surfaces, rows = {}, []
     for index, group in enumerate(groups):
         checkpoint, meta = group[0], group[0].meta

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +107,12 @@ class Checkpoint:
         """shallow (input-level virtual tokens) or deep (per-layer prefix keys and values)."""
         return self.meta.get("prompt_type") or ("deep" if self.adapter.get("peft_type") == "PREFIX_TUNING"
                                                 else "shallow")
+
+    def with_task(self, name: str | None) -> "Checkpoint":
+        """This checkpoint naming `name` as its task when ptp.json names none (an adapter PEFT or PTPTrainer saved)."""
+        if not name or self.meta.get("task"):
+            return self
+        return replace(self, meta={**self.meta, "task": name})
 
     def task(self, name: str | None = None) -> Task:
         """The task named in ptp.json (or `name`), with the label words and label names the prompt was trained with."""

@@ -97,7 +97,7 @@ def test_bad_checkpoints(tiny_bert_model, tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(out)
     (out / "ptp.json").write_text(json.dumps({"model": "minilm", "head": "classifier", "num_labels": 2}))
-    with pytest.raises(ValueError, match="token_dim 32 but model 'minilm' has 384"):
+    with pytest.raises(ValueError, match="shallow prompt of width 32 but model 'minilm' needs 384"):
         load_checkpoint(out).build_model()
     (out / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):

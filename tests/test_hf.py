@@ -3,6 +3,8 @@
 References are independent of ptp_core.hf: PEFT's own forward (one unpadded example at a time), our loop's
 PromptModel built by load_backbone from the model folder, and plain SGD arithmetic.
 """
+import json
+
 import pytest
 import torch
 
@@ -199,7 +201,7 @@ def test_accumulating_two_by_four_is_one_batch_of_eight(tiny_dirs, tmp_path, var
     assert (prompts[0] - sgd).abs().max().item() < TOLERANCE
 
 
-def test_trainer_logs_ptp_scalars_and_saves_an_adapter_we_load(tiny_dirs, tmp_path):
+def test_trainer_logs_ptp_scalars_and_saves_an_adapter_we_load(tiny_dirs, tmp_path, toy_csv):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ptp_core.checkpoint import load_checkpoint
@@ -225,6 +227,12 @@ def test_trainer_logs_ptp_scalars_and_saves_an_adapter_we_load(tiny_dirs, tmp_pa
     model = load_checkpoint(tmp_path / "adapter").build_model(device="cpu")
     difference = (model.predict(TEXTS) - peft_class_logits(peft.eval(), tokenizer, TEXTS)).abs().max().item()
     assert difference < TOLERANCE, difference
+    from landscape.cli.plot import main as plot  # the adapter names no task: landscape.plot is given one
+
+    plot([str(tmp_path / "adapter"), "--task", toy_csv, "--out", str(tmp_path / "fig"), "--grid", "3", "--examples",
+          "8", "--metrics", "surface,hessian", "--metric-examples", "4", "--no-progress", "--device", "cpu"])
+    row = json.loads((tmp_path / "fig" / "metrics.json").read_text())[0]
+    assert row["hessian_eigenvalues"][0] == row["hessian_eigenvalues"][0] and row["center_loss"] > 0
 
 
 @pytest.mark.parametrize("method", ["pt", "ptp-rn", "ptp-adv"])

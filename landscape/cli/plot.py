@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also connect every pair of seeds within a method (Bezier curve + line: landscape.connect)")
     p.add_argument("--connect-steps", type=int, default=ConnectConfig.steps, help="Adam steps of each curve")
     p.add_argument("--metric-examples", type=int, default=32, help="examples for the model-based metrics")
+    p.add_argument("--task", default=None,
+                   help="the task of checkpoints whose ptp.json names none (adapters saved by PEFT or PTPTrainer)")
     p.add_argument("--style", default="paper", choices=("paper", "slides"))
     p.add_argument("--zmin", type=float, default=None)
     p.add_argument("--zmax", type=float, default=None)
@@ -62,7 +64,7 @@ def compare_from_args(args: argparse.Namespace, out: Path) -> Comparison:
                                 device=device)
     return compare(checkpoints, spec, metrics, out, spaces, device=device, cache_dir=cli.cache_dir(),
                    overwrite=args.overwrite, progress=args.progress, report=lambda line: print(line, flush=True),
-                   connect=connect)
+                   connect=connect, task=args.task)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

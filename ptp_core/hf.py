@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer
 
@@ -158,8 +159,6 @@ def accuracy(prediction) -> dict[str, float]:
 
 def average_gradients(parameters: list[Tensor], processes: int) -> None:
     """Replace each parameter's .grad by its mean over the processes (one all-reduce of the flattened gradients)."""
-    import torch.distributed as dist
-
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.flatten() for g in grads])  # (N,)
     dist.all_reduce(flat)

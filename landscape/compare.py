@@ -83,8 +83,12 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
 
 
 def run_label(meta: dict, path: Path) -> str:
-    """method-seedK for our runs, the folder name for anything else: names the surface files."""
-    return f"{meta.get('method', path.name)}-seed{meta['seed']}" if meta.get("seed") is not None else path.name
+    """method-seedK (method-deep-seedK for a deep prompt) for our runs, the folder name for anything else: names
+    the surface files."""
+    if meta.get("seed") is None:
+        return path.name
+    deep = "-deep" if meta.get("prompt_type") == "deep" else ""
+    return f"{meta.get('method', path.name)}{deep}-seed{meta['seed']}"
 
 
 def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray) -> list[list[float]]:
@@ -238,7 +242,9 @@ def _connection(a: Checkpoint, b: Checkpoint, model, task: Task, config: Connect
 
 
 def _model_key(meta: dict) -> tuple:
-    return meta["model"], meta["head"], tuple(meta.get("label_words") or ()), meta.get("template")
+    """What one built model serves: checkpoints that agree on these differ only in their params."""
+    return (meta["model"], meta["head"], tuple(meta.get("label_words") or ()), meta.get("template"),
+            meta.get("prompt_type") or "shallow")
 
 
 def _tasks(checkpoints: list[Checkpoint]) -> dict[str, Task]:

@@ -385,3 +385,23 @@ def test_connectivity_and_spectrum_run_on_deep_prompts(family_dirs, toy_csv):
                   MetricsConfig(which=("spectrum", "sharpness"), examples=8, spectrum_probes=2, spectrum_steps=5))
     assert abs(sum(row["hessian_spectrum_weights"]) - 1) < 1e-6 and row["worst_case_sharpness"] >= 0
     assert row["prompt_type"] == "deep"
+
+
+def test_one_comparison_of_a_shallow_and_a_deep_prompt_builds_a_model_for_each(tiny_dirs, toy_csv, tmp_path):
+    """Same backbone, head and task: each checkpoint is still measured on a model of its own prompt type."""
+    from landscape.compare import compare
+    from landscape.grid.spec import SurfaceSpec
+    from landscape.measures.row import MetricsConfig
+    from ptp_core.train import TrainConfig, train
+
+    runs = [train(TrainConfig(model=tiny_dirs["bert"], head="classifier", task=toy_csv, prompt_type=kind, steps=2,
+                              batch_size=8, prompt_length=2, eval_every=2, eval_examples=8, test_examples=8,
+                              progress=False, dtype="float32", out=str(tmp_path / kind)))
+            for kind in ("shallow", "deep")]
+    comparison = compare(runs, SurfaceSpec(grid="3", examples=8, dtype="float32"), MetricsConfig(which=("surface",)),
+                         tmp_path / "fig", device="cpu", progress=False)
+    rows = {row["checkpoint"]: row for row in comparison.rows}
+    for run in runs:
+        expected = json.loads((run / "ptp.json").read_text())["metrics"]["test_loss"]
+        assert abs(rows[str(run)]["center_loss"] - expected) < 1e-5  # the centre is the checkpoint's own loss
+    assert [rows[str(run)]["prompt_type"] for run in runs] == ["shallow", "deep"]

@@ -217,7 +217,7 @@ def _seed_pairs(checkpoints) -> list[tuple]:
     """Every pair of seeds within each method, checked to share one landscape before anything is computed."""
     by_method: dict[str, list] = {}
     for checkpoint in checkpoints:
-        by_method.setdefault(checkpoint.meta.get("method", "checkpoint"), []).append(checkpoint)
+        by_method.setdefault(checkpoint.method_label, []).append(checkpoint)
     pairs = [pair for group in by_method.values()
              for pair in itertools.combinations(sorted(group, key=lambda c: (c.meta.get("seed") is None,
                                                                              c.meta.get("seed") or 0)), 2)]
@@ -275,7 +275,7 @@ def _measure(model, params, split, surfaces: dict[str, Surface], config: Metrics
     task_scores = {f"test_{key}": scores[f"test_{key}"] for key in METRIC_KEYS.get(meta.get("metric", "accuracy"), ())
                    if f"test_{key}" in scores}  # the benchmark's metric beside test accuracy: test_f1, test_mcc, ...
     return measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
-                   meta.get("method", "checkpoint"), meta.get("seed"), scores.get("test_accuracy"),
+                   checkpoint.method_label, meta.get("seed"), scores.get("test_accuracy"),
                    surfaces.get("input"), task_scores)
 
 

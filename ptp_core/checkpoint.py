@@ -103,6 +103,13 @@ class Checkpoint:
         return params_hash(self.params)
 
     @property
+    def method_label(self) -> str:
+        """The method as figures, tables and statistics group it: a deep prompt's is "<method> (deep)", so that a
+        comparison of shallow and deep prompts keeps them apart."""
+        method = self.meta.get("method", "checkpoint")
+        return f"{method} (deep)" if self.prompt_type == "deep" else method
+
+    @property
     def prompt_type(self) -> str:
         """shallow (input-level virtual tokens) or deep (per-layer prefix keys and values)."""
         return self.meta.get("prompt_type") or ("deep" if self.adapter.get("peft_type") == "PREFIX_TUNING"

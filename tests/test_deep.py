@@ -388,7 +388,8 @@ def test_connectivity_and_spectrum_run_on_deep_prompts(family_dirs, toy_csv):
 
 
 def test_one_comparison_of_a_shallow_and_a_deep_prompt_builds_a_model_for_each(tiny_dirs, toy_csv, tmp_path):
-    """Same backbone, head and task: each checkpoint is still measured on a model of its own prompt type."""
+    """Same backbone, head and task: each checkpoint is still measured on a model of its own prompt type, and
+    the two are two groups ("pt", "pt (deep)")."""
     from landscape.compare import compare
     from landscape.grid.spec import SurfaceSpec
     from landscape.measures.row import MetricsConfig
@@ -405,3 +406,5 @@ def test_one_comparison_of_a_shallow_and_a_deep_prompt_builds_a_model_for_each(t
         expected = json.loads((run / "ptp.json").read_text())["metrics"]["test_loss"]
         assert abs(rows[str(run)]["center_loss"] - expected) < 1e-5  # the centre is the checkpoint's own loss
     assert [rows[str(run)]["prompt_type"] for run in runs] == ["shallow", "deep"]
+    assert [rows[str(run)]["method"] for run in runs] == ["pt", "pt (deep)"]  # two groups in figures and statistics
+    assert sorted(comparison.by_method("prompt")) == ["pt", "pt (deep)"]

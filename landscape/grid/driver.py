@@ -231,7 +231,7 @@ def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: Surfac
         model = first.build_model(device, cache_dir=cache_dir)
     if split is None:
         split = first.task().splits[spec.split]
-    metadata = {"method": first.meta.get("method"), "checkpoint": str(first.path), "task": first.meta.get("task"),
+    metadata = {"method": first.method_label, "checkpoint": str(first.path), "task": first.meta.get("task"),
                 "checkpoint_seed": first.meta.get("seed")}
     return surface_for_params(model, first.params, split, spec, path, others=[c.params for c in checkpoints[1:]],
                               trajectory=first.trajectory, metadata=metadata, overwrite=overwrite,

@@ -32,6 +32,11 @@ PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # PREFIX_TUNING: 
 EXAMPLE_ID = "example_id"  # an optional dataset column that keys each example's noise (example_keys)
 
 
+def _peft_type(config) -> str:
+    """PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ... (PEFT's enum or its string)."""
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 def peft_prompt(peft_model: nn.Module) -> Tensor:
     """(P, D) the virtual tokens PEFT prepends, in the autograd graph of PEFT's own parameters.
 
@@ -41,7 +46,7 @@ def peft_prompt(peft_model: nn.Module) -> Tensor:
     """
     config = peft_model.active_peft_config
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
-    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    peft_type = _peft_type(config)
     if peft_type not in PROMPT_TYPES:
         raise ValueError(f"a {peft_type} adapter has no prompt; use PromptTuningConfig, PromptEncoderConfig "
                          f"(P-tuning) or PrefixTuningConfig")
@@ -85,7 +90,7 @@ def prompt_model(peft_model: nn.Module, tokenizer, head: str | None = None, labe
     backbone = Backbone(task_model, tokenizer, model_kind(task_model.config), name, name)
     num_labels = task_model.config.num_labels if head == "classifier" else len(label_words)
     default_template = DEFAULT_TEMPLATE if head == "verbalizer" else "{text}"
-    prompt_type = "deep" if str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING" else "shallow"
+    prompt_type = "deep" if _peft_type(config) == "PREFIX_TUNING" else "shallow"
     return PromptModel(backbone, head, num_labels, label_words, template or default_template, max_length,
                        prompt_type=prompt_type)
 

@@ -18,6 +18,7 @@ in grouped-query models). Keys are stored as the attention sees them (after RoPE
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import sys
 from contextlib import contextmanager
@@ -94,7 +95,9 @@ def _register(base: str) -> str:
 
     name = f"ptp_prefix_{base}"
     if name not in AttentionMaskInterface._global_mapping:
-        AttentionInterface.register(name, _prefixed_attention)
+        # the base's function once, here: eager is each model file's own, found from the calling module
+        function = AttentionInterface._global_mapping[base] if base != "eager" else None
+        AttentionInterface.register(name, functools.partial(_prefixed_attention, base, function))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])  # the same masks as the base
     return name
 
@@ -190,14 +193,11 @@ def _extend_mask(mask: Tensor | None, module: nn.Module, query: Tensor, key: Ten
     return torch.cat([visible, mask], dim=-1)  # (B, 1, Q, P+K)
 
 
-def _prefixed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+def _prefixed_attention(base: str, function, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                         attention_mask: Tensor | None, **kwargs):
-    """The registered attention: the base implementation over [prefix; text] keys and values."""
-    from transformers import AttentionInterface  # already imported by the model calling this
-
-    base = base_implementation(module.config)
-    function = (sys.modules[type(module).__module__].eager_attention_forward if base == "eager"
-                else AttentionInterface._global_mapping[base])
+    """The registered attention (base and function bound by _register): the base implementation over
+    [prefix; text] keys and values."""
+    function = function or sys.modules[type(module).__module__].eager_attention_forward
     state = _CURRENT.get()
     if isinstance(state, list):  # record(): keep what this layer attends to
         state.append((key, value))

@@ -9,6 +9,7 @@ landscape see the prefix the MLP produces (PEFT saves that same output as a proj
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -16,6 +17,15 @@ from torch import Tensor
 PREFIX = "projection."
 TOKENS, HIDDEN_W, HIDDEN_B, OUT_W, OUT_B = (PREFIX + name for name in ("tokens", "0.weight", "0.bias", "2.weight",
                                                                        "2.bias"))
+
+
+class Reparameterization(Protocol):
+    """Between the optimizer's tensors and the model's params: forward makes the params, backward carries their
+    gradients (on the params) back to the trainable tensors."""
+
+    def forward(self, trainable: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def backward(self, params: dict[str, Tensor], trainable: dict[str, Tensor]) -> None: ...
 
 
 class Identity:
@@ -28,16 +38,13 @@ class Identity:
         """Nothing to carry: the gradients are already on the trainable tensors."""
 
 
-Reparameterization = Identity  # the interface: forward(trainable) -> params, backward(params, trainable)
-
-
 def prefix(trainable: dict[str, Tensor]) -> Tensor:
     """(P, L*2*H*d) the MLP's prefix from the trainable tensors."""
     hidden = torch.tanh(trainable[TOKENS] @ trainable[HIDDEN_W].T + trainable[HIDDEN_B])  # (P, h)
     return hidden @ trainable[OUT_W].T + trainable[OUT_B]
 
 
-class PrefixProjection(Identity):
+class PrefixProjection:
     """forward: params with "prompt" the MLP's output, as a leaf whose gradient backward() pushes through the MLP
     (the chain rule, so every PTP regularizer differentiates the prefix exactly as without the MLP)."""
 

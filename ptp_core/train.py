@@ -27,7 +27,7 @@ from ptp_core.loop import FitResult, fit_prompt
 from ptp_core.model import PROMPT_INITS, PromptModel
 from ptp_core.perturb import NOISES, BALL_NORMS, REPLACEMENTS, TARGETS, PerturbConfig
 from ptp_core.prefix import PROMPT_TYPES
-from ptp_core.projection import Identity, PrefixProjection
+from ptp_core.projection import Identity, PrefixProjection, Reparameterization
 from ptp_core.reporting import REPORT_TO, TrainingReport
 
 METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
@@ -145,7 +145,7 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
 
 
 def initial_params(config: TrainConfig, model: PromptModel, generator: torch.Generator
-                   ) -> tuple[dict[str, Tensor], Identity]:
+                   ) -> tuple[dict[str, Tensor], Reparameterization]:
     """The seeded tensors the optimizer starts from and the reparameterization that makes the model's params."""
     params = model.init_params(config.prompt_length, config.prompt_init, generator, config.prompt_init_text)
     reparam = Identity()

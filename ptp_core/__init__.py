@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from ptp_core.versions import warn_untested
+
+warn_untested()  # one line per transformers/PEFT version outside the tested range (reads metadata, imports nothing)
+
 LAZY = {"load_checkpoint": "ptp_core.checkpoint", "Checkpoint": "ptp_core.checkpoint", "from_peft": "ptp_core.hf"}
 __all__ = list(LAZY)
 

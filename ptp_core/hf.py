@@ -110,7 +110,12 @@ def from_peft(peft_model: nn.Module, tokenizer, *, head: str | None = None, labe
     label_words). params: "prompt" (P, D) and, for a classifier, the trained head under HF's names, detached copies
     (the returned model holds them as its defaults). For P-tuning (PromptEncoderConfig) the prompt is the encoder's output
     computed once: landscapes then move that output, not the encoder's MLP or LSTM weights.
+
+    Puts peft_model in eval mode (Trainer leaves it in train mode): with dropout on, two evaluations of the same
+    params differ, and surfaces, Lanczos and every metric need one loss function. Trainer's next train() turns
+    training mode back on.
     """
+    peft_model.eval()
     model = prompt_model(peft_model, tokenizer, head, label_words, template, max_length)
     with torch.no_grad():
         params = {key: value.detach().clone() for key, value in peft_params(peft_model, model).items()}
@@ -207,6 +212,10 @@ class PTPTrainer(Trainer):
         if kind != "NO" and not kind.startswith("MULTI_"):
             raise ValueError(f"PTPTrainer runs in one process or under DDP (torchrun, accelerate launch); {kind} "
                              "shards or wraps the parameters its loss reads directly")
+        if self.compute_loss_func is not None or self.args.label_smoothing_factor != 0:
+            given = "compute_loss_func" if self.compute_loss_func is not None else "label_smoothing_factor"
+            raise ValueError(f"PTPTrainer's loss is PTP's cross-entropy (clean + lam * perturbed); it does not apply "
+                             f"{given}: drop it from the Trainer's arguments")
         if self.args.fp16 and self.accelerator.scaler is None:
             raise ValueError("fp16 needs a CUDA device for its loss scaler (without one accelerate trains in float32 "
                              "and says nothing); on a CPU pass bf16=True")

@@ -1,6 +1,6 @@
 """PTP regularizers: train on clean and perturbed inputs together, L = CE(clean) + lam * CE(perturbed).
 
-Chen, Huang, Cheng 2023 (PTP, arXiv 2305.02423). The perturbation is random (`ptp-rn`) or
+L. Chen, J. Chen, Huang, Cheng 2023 (PTP, arXiv 2305.02423). The perturbation is random (`ptp-rn`) or
 adversarial (`ptp-adv`) and lives in one of three spaces (`target`):
     input   the word embeddings of the text tokens (Gaussian/uniform noise; K-step PGD, or FreeLB)
     prompt  the soft prompt itself (noise; SAM's worst case in a rho-ball, Foret et al. 2021)

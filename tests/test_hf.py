@@ -356,3 +356,38 @@ def test_seq_cls_prefix_tuning_trains_through_our_loss(tiny_dirs, tmp_path):
     assert abs(loss.item() - expected) < TOLERANCE
     loss.backward()
     assert params["prompt"].grad is not None and params["prompt"].grad.abs().sum() > 0
+
+
+def test_from_peft_right_after_training_evaluates_without_dropout(tiny_dirs):
+    """Trainer leaves the model in train mode; from_peft's loss is then still one deterministic function, PEFT's
+    eval-mode logits."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ptp_core import from_peft
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert"], num_labels=2,
+                                                              hidden_dropout_prob=0.3)
+    peft = get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3, token_dim=32))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["bert"])
+    peft.train()  # as trainer.train() leaves it
+    model, params = from_peft(peft, tokenizer)
+    batch = model.encode(TEXTS)
+    with torch.no_grad():
+        first, second = model.logits(params, batch), model.logits(params, batch)
+    assert torch.equal(first, second)
+    difference = (first - peft_class_logits(peft.eval(), tokenizer, TEXTS)).abs().max().item()
+    assert difference < TOLERANCE, difference
+
+
+@pytest.mark.parametrize("setting", ["compute_loss_func", "label_smoothing_factor"])
+def test_trainer_losses_ptp_does_not_compute_are_refused(tiny_dirs, tmp_path, setting):
+    """Trainer stops dividing by the accumulation steps once compute_loss_func is set, and label smoothing changes
+    the objective: PTPTrainer computes neither, so it refuses both in one line instead of training another loss."""
+    peft, tokenizer = peft_model(tiny_dirs["bert"], "bert", "SEQ_CLS")
+    trainer = {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.loss} \
+        if setting == "compute_loss_func" else {}
+    settings = {"label_smoothing_factor": 0.1} if setting == "label_smoothing_factor" else {}
+    with pytest.raises(ValueError, match=f"does not apply {setting}"):
+        trainer_for(peft, tokenizer, tmp_path, "ptp-rn", trainer=trainer, **settings)

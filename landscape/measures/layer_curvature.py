@@ -3,8 +3,9 @@
 A deep prompt (P, L*2*H*d) holds, per virtual token, every layer's keys and values. H_ll, the block of the Hessian
 for layer l's keys and values of all P virtual tokens, is the Hessian of the loss as a function of that block
 alone with the other layers held at their values; its top eigenvalue and trace say in which layers the trained
-prefix sits in a sharp valley (PyHessian reports the same per layer for network weights). The full Hessian's
-trace is the sum of the per-layer traces; its top eigenvalue is at least the largest per-layer one.
+prefix sits in a sharp valley (PyHessian reports the same per layer for network weights). The Hessian of the
+whole prefix has the per-layer traces summed as its trace, and a top eigenvalue at least the largest per-layer
+one; with `--params all` the full Hessian also holds the head's block, so its trace is that sum plus the head's.
 """
 from __future__ import annotations
 

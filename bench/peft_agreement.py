@@ -1,4 +1,4 @@
-"""The agreement table of docs/backbones.md: max |logit difference| from PEFT's own forward, per family and direction.
+"""Max |logit difference| from PEFT's own forward, per family and direction.
 
     .venv/bin/python bench/peft_agreement.py
 

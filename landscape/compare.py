@@ -6,11 +6,17 @@
 Every input is checked (checkpoints, tasks, specs) before anything is written; then one surface per
 checkpoint and space is computed or resumed under OUT/surfaces/, one metrics row per checkpoint is
 measured, and the statistics across checkpoints are computed once. Drawing is the caller's.
+
+Each row carries `comparable` (landscape.surface.comparable_identity: task, model, head, prompt, surface settings)
+and `group`, its label in tables and figures: the method, plus the settings that set its comparable set apart from
+the others' ("pt · task B", "pt · P=6"). Statistics never pool, test or correlate across comparable sets.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
@@ -24,8 +30,8 @@ from landscape.grid.driver import compute_surface
 from landscape.grid.spec import SPACES, SurfaceSpec, device_defaults
 from landscape.measures.row import MetricsConfig, measure, metrics_row, surface_topology
 from landscape.measures.surface_metrics import surface_metrics
-from landscape.stats import Statistics, statistics
-from landscape.surface import Surface, load_surface, save_surface
+from landscape.stats import IDENTITY, Statistics, row_groups, statistics
+from landscape.surface import CHECKPOINT_KEYS, Surface, comparable_identity, load_surface, save_surface, surface_paths
 from ptp_core.backbones import resolve_device, resolve_dtype
 from ptp_core.checkpoint import Checkpoint, load_checkpoint
 from ptp_core.data import Task
@@ -55,11 +61,13 @@ class Comparison:
         return list(dict.fromkeys(space for _, space in self.surfaces))
 
     def by_method(self, space: str) -> dict[str, list[Surface]]:
-        """method -> its surfaces in `space`, ordered by seed (the first one represents the method)."""
+        """group label (the method, plus what sets its comparable set apart) -> its surfaces in `space`, ordered by
+        seed (the first one represents the group)."""
         groups: dict[str, list[Surface]] = {}
-        for (_, where), surface in self.surfaces.items():
+        for (checkpoint, where), surface in self.surfaces.items():
             if where == space:
-                groups.setdefault(surface.spec.get("method") or "checkpoint", []).append(surface)
+                label = self.row(checkpoint).get("group") or surface.spec.get("method") or "checkpoint"
+                groups.setdefault(label, []).append(surface)
         for group in groups.values():
             group.sort(key=lambda s: (s.spec.get("checkpoint_seed") is None, s.spec.get("checkpoint_seed") or 0))
         return groups
@@ -89,6 +97,26 @@ def run_label(meta: dict, path: Path) -> str:
         return path.name
     deep = "-deep" if meta.get("prompt_type") == "deep" else ""
     return f"{meta.get('method', path.name)}{deep}-seed{meta['seed']}"
+
+
+def checkpoint_identity(checkpoint: Checkpoint) -> dict:
+    """The CHECKPOINT_KEYS of landscape.surface for a checkpoint: what its surfaces are comparable on."""
+    meta = checkpoint.meta
+    identity = {key: meta.get(key) for key in CHECKPOINT_KEYS}
+    identity.update(prompt_type=checkpoint.prompt_type, prompt_length=int(checkpoint.params["prompt"].shape[0]))
+    return identity
+
+
+def surface_stem(checkpoint: Checkpoint) -> str:
+    """run_label, the task and a short hash of the checkpoint's folder, content and comparable identity: the
+    surfaces (and connect folders) of two different checkpoints never share a name, whatever their method, seed
+    or task."""
+    task = str(checkpoint.meta.get("task") or "")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).stem if Path(task).suffix else task).strip("_")
+    key = json.dumps([str(Path(checkpoint.path).resolve()), checkpoint.content_hash(),
+                      checkpoint_identity(checkpoint)], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return "-".join(p for p in (run_label(checkpoint.meta, checkpoint.path), slug, digest) if p)
 
 
 def project_trajectory(surface: Surface, prompts: np.ndarray, center: np.ndarray) -> list[list[float]]:
@@ -181,24 +209,36 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
                                 clock.chunk if clock else None) for space in spaces}
         surfaces.update({(str(checkpoint.path), space): s for space, s in mine.items()})
         params = {k: v.to(model.device) for k, v in checkpoint.params.items()}
-        rows.append(_measure(model, params, split, mine, metrics, checkpoint))
+        rows.append({**_measure(model, params, split, mine, metrics, checkpoint), **_row_identity(mine)})
         if clock:
             clock.checkpoint_done(index)
-    connections = [_connection(a, b, models[_model_key(a.meta)], tasks[a.meta["task"]], connect, Path(out), progress)
-                   for a, b in pairs]
-    return Comparison(surfaces, rows, statistics(rows, connections=connections), _metadata(list(surfaces.values())),
-                      connections)
+    _label_groups(rows)
+    groups_of = {row["checkpoint"]: row["group"] for row in rows}
+    connections = [{**_connection(a, b, models[_model_key(a.meta)], tasks[a.meta["task"]], connect, Path(out),
+                                  progress), "group": groups_of[str(a.path)]} for a, b in pairs]
+    return Comparison(surfaces, rows, statistics(rows, connections=connections),
+                      _metadata(rows, list(surfaces.values())), connections)
 
 
 def from_surfaces(paths: list[str | Path]) -> Comparison:
-    """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness)."""
-    surfaces = {}
+    """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness).
+
+    Surfaces that differ in their comparable identity (directions, normalization, grid, span, examples, split, task,
+    ...) land in separate groups; a partly computed surface is measured over its points done and its row says so
+    (`partial`, `partial_points`). Two surfaces of one checkpoint and space are refused: one row holds one of each."""
+    surfaces, sources = {}, {}
     for path in paths:
         surface = load_surface(path)
-        surfaces[(surface.spec.get("checkpoint") or str(path), surface.spec.get("space") or "prompt")] = surface
-    rows = {}
+        key = (surface.spec.get("checkpoint") or str(path), surface.spec.get("space") or "prompt")
+        if key in sources:
+            raise ValueError(f"{surface_paths(sources[key])[0]} and {surface_paths(path)[0]} are both the "
+                             f"{key[1]}-space surface of {key[0]}; give one surface per checkpoint and space "
+                             "(re-render the others in a separate --surface run)")
+        surfaces[key], sources[key] = surface, path
+    rows, used = {}, {}
     for (checkpoint, space), s in surfaces.items():
         if min(s.shape) > 1 and s.points_done:
+            used.setdefault(checkpoint, {})[space] = s
             row = rows.setdefault(checkpoint, metrics_row(checkpoint, s.spec.get("method") or "checkpoint",
                                                           s.spec.get("checkpoint_seed"), None,
                                                           settings={"basin_tau": MetricsConfig.basin_tau}))
@@ -209,15 +249,44 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
             else:
                 row.update(input_grid_sharpness=values.grid_sharpness,
                            input_curvature_eigenvalues=values.curvature_eigenvalues)
-    rows = list(rows.values())
-    return Comparison(surfaces, rows, statistics(rows), _metadata(list(surfaces.values())))
+    rows = [{**row, **_row_identity(used[checkpoint])} for checkpoint, row in rows.items()]
+    _label_groups(rows)
+    return Comparison(surfaces, rows, statistics(rows), _metadata(rows, list(surfaces.values())))
+
+
+def _row_identity(surfaces: dict[str, Surface]) -> dict:
+    """`comparable` of a checkpoint's row from the surfaces it was measured on (prompt-space keys plain, another
+    space's keys prefixed where they differ), `partial` and, when partial, `partial_points` ("prompt 12/25")."""
+    identity: dict = {"spaces": sorted(surfaces)}
+    for space in sorted(surfaces, key=lambda s: s != "prompt"):
+        for key, value in comparable_identity(surfaces[space]).items():
+            if key in ("space", "partial"):
+                continue
+            if key not in identity:
+                identity[key] = value
+            elif identity[key] != value:
+                identity[f"{space}_{key}"] = value
+    partial = {space: s for space, s in surfaces.items() if not s.is_complete}
+    identity["partial"] = bool(partial)
+    row = {IDENTITY: identity, "partial": bool(partial)}
+    if partial:
+        row["partial_points"] = ", ".join(f"{space} {s.points_done}/{s.loss.size}" for space, s in partial.items())
+    return row
+
+
+def _label_groups(rows: list[dict]) -> None:
+    """row["group"]: the row's label in tables and figures (landscape.stats.row_groups)."""
+    for row, group in zip(rows, row_groups(rows)):
+        row["group"] = group.label
 
 
 def _seed_pairs(checkpoints) -> list[tuple]:
-    """Every pair of seeds within each method, checked to share one landscape before anything is computed."""
+    """Every pair of seeds within each method and comparable set (one task, model, head, prompt), checked to share
+    one landscape before anything is computed."""
     by_method: dict[str, list] = {}
     for checkpoint in checkpoints:
-        by_method.setdefault(checkpoint.method_label, []).append(checkpoint)
+        key = json.dumps([checkpoint.method_label, checkpoint_identity(checkpoint)], sort_keys=True, default=str)
+        by_method.setdefault(key, []).append(checkpoint)
     pairs = [pair for group in by_method.values()
              for pair in itertools.combinations(sorted(group, key=lambda c: (c.meta.get("seed") is None,
                                                                              c.meta.get("seed") or 0)), 2)]
@@ -230,7 +299,7 @@ def _connection(a: Checkpoint, b: Checkpoint, model, task: Task, config: Connect
                 progress: bool) -> dict:
     """connect.json of the pair: read when it was computed with this config, else computed and written. The
     folder it lies in is added under "folder" (the figure is drawn there by landscape.draw)."""
-    path = out / "connect" / f"{run_label(a.meta, a.path)}--{run_label(b.meta, b.path)}"
+    path = out / "connect" / f"{surface_stem(a)}--{surface_stem(b)}"
     if (path / RESULT_FILE).exists():
         saved = json.loads((path / RESULT_FILE).read_text())
         if (saved.get("hash_a"), saved.get("hash_b"), saved.get("config")) == (
@@ -260,9 +329,19 @@ def _tasks(checkpoints: list[Checkpoint]) -> dict[str, Task]:
 def _surface(group, spec: SurfaceSpec, out: Path, model, split, overwrite: bool, progress: bool,
              on_chunk=None) -> Surface:
     checkpoint = group[0]
-    path = out / "surfaces" / f"{run_label(checkpoint.meta, checkpoint.path)}-{spec.space}"
+    path = out / "surfaces" / f"{surface_stem(checkpoint)}-{spec.space}"
+    if all(p.exists() for p in surface_paths(path)):
+        held = load_surface(path).spec
+        if held.get("checkpoint") != str(checkpoint.path) and held.get("checkpoint_hash") != checkpoint.content_hash():
+            raise ValueError(f"{surface_paths(path)[0]} holds the surface of another checkpoint "
+                             f"({held.get('checkpoint')}); give this comparison another --out")
     surface = compute_surface(group, spec, path, model=model, split=split, overwrite=overwrite,
                               progress=progress, on_chunk=on_chunk)
+    identity = {k: v for k, v in checkpoint_identity(checkpoint).items()
+                if surface.spec.get(k) != v and (k, v) != ("prompt_type", "shallow")}  # shallow: the grid's default
+    if identity:  # the checkpoint's side of the surface's comparable identity, for re-rendering with --surface
+        surface.spec.update(identity)
+        save_surface(surface, path)
     if spec.space == "prompt" and spec.directions in ("pca", "interp") and checkpoint.trajectory is not None:
         surface.spec["trajectory"] = project_trajectory(surface, checkpoint.trajectory["prompts"].numpy(),
                                                        checkpoint.params["prompt"].numpy())
@@ -279,9 +358,19 @@ def _measure(model, params, split, surfaces: dict[str, Surface], config: Metrics
                    surfaces.get("input"), task_scores)
 
 
-def _metadata(surfaces: list[Surface]) -> dict:
-    spec = surfaces[0].spec if surfaces else {}
-    return {"model": spec.get("model"), "task": spec.get("task"), "directions": spec.get("directions"),
-            "normalization": spec.get("normalization"), "seed": spec.get("seed"), "split": spec.get("split"),
-            "examples": spec.get("examples"), "grid": "x".join(str(n) for n in surfaces[0].shape) if surfaces else "",
-            "checkpoints": sorted({str(s.spec.get("checkpoint")) for s in surfaces}), "date": date.today().isoformat()}
+def _metadata(rows: list[dict], surfaces: list[Surface] = ()) -> dict:
+    """The settings every row shares (and the direction seed, when one), and under "groups" each group's own
+    settings (where the rows differ)."""
+    identities = {row["group"]: row[IDENTITY] for row in rows} or {s.method: comparable_identity(s) for s in surfaces}
+    keys = list(dict.fromkeys(k for identity in identities.values() for k in identity))
+    shared = [k for k in keys if len({json.dumps(i.get(k), sort_keys=True, default=str)
+                                      for i in identities.values()}) == 1]
+    first = next(iter(identities.values()), {})
+    metadata = {k: first.get(k) for k in shared}
+    if len(shared) < len(keys):
+        metadata["groups"] = {label: {k: v for k, v in identity.items() if k not in shared}
+                              for label, identity in identities.items()}
+    if len(seeds := {s.spec.get("seed") for s in surfaces}) == 1:
+        metadata["seed"] = seeds.pop()
+    checkpoints = [row["checkpoint"] for row in rows] + [str(s.spec.get("checkpoint")) for s in surfaces]
+    return {**metadata, "checkpoints": sorted(set(checkpoints)), "date": date.today().isoformat()}

@@ -18,7 +18,7 @@ import numpy as np
 
 from ptp_core.io import dumps, write_atomic, write_text
 
-FORMAT = "ptp-landscape-surface/1"
+FORMAT = "ptp-landscape-surface/2"  # 2: biases take no filter direction; a deep prompt's keys and values are filtered apart
 
 # Keys every spec carries (DESIGN.md "Surface files"). Values the grid code does not know
 # (e.g. `directions` for a surface built by hand) may be None, but the key must be there.
@@ -38,6 +38,13 @@ SPEC_KEYS = (
 )
 # Keys that define *which* surface this is: a resumed run must agree on all of them.
 SPEC_IDENTITY_KEYS = tuple(k for k in SPEC_KEYS if k not in ("points", "seconds"))
+# What makes the numbers of two surfaces comparable, beside the method and seed they measure: the landscape (task,
+# model, head, template, prompt) and how it was sampled (space, plane, grid, examples, dtype). The grid writes
+# the sampling keys; landscape.compare adds the checkpoint's (head, template, prompt_length, ...). A surface
+# written elsewhere may lack some: they read None, and only surfaces that agree on every key pool.
+CHECKPOINT_KEYS = ("task", "model", "head", "template", "label_words", "max_length", "prompt_type", "prompt_length")
+SAMPLING_KEYS = ("space", "directions", "normalization", "grid", "span", "split", "examples", "subset_hash", "params",
+                 "dtype", "partial")
 ARRAY_KEYS = ("alphas", "betas", "loss", "accuracy")
 DIRECTION_KEYS = ("direction_1", "direction_2")
 
@@ -138,6 +145,19 @@ def _shape_problem(surface: Surface) -> str | None:
     if not isinstance(surface.spec, dict):
         return f"spec must be a dict, got {type(surface.spec).__name__}"
     return None
+
+
+def comparable_identity(surface: Surface) -> dict:
+    """CHECKPOINT_KEYS and SAMPLING_KEYS of a surface: two surfaces whose numbers may be pooled or tested agree on
+    all of them. grid is "nx x ny" as computed, partial says some points are still NaN."""
+    spec = surface.spec
+    identity = {key: spec.get(key) for key in CHECKPOINT_KEYS + SAMPLING_KEYS}
+    identity.update(grid="x".join(map(str, surface.shape)), partial=not surface.is_complete,
+                    span=spec["span"] if spec.get("span") is not None else float(np.abs(surface.alphas).max()),
+                    prompt_type=spec.get("prompt_type") or "shallow", space=spec.get("space") or "prompt")
+    if identity["prompt_length"] is None and surface.direction_1 is not None:
+        identity["prompt_length"] = int(surface.direction_1.shape[0])  # (P, D): P virtual tokens
+    return identity
 
 
 def same_directions(a: Surface, b: Surface) -> bool:

@@ -8,12 +8,15 @@ head; it never re-implements one.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
+
+from ptp_core.verified import check_family
 
 # Embedded aliases: (package, file or folder inside it). Located without importing the package.
 EMBEDDED = {
@@ -23,7 +26,7 @@ EMBEDDED = {
 DEFAULT_HEAD = {"minilm": "classifier", "smollm2": "verbalizer"}
 HEADS = ("classifier", "verbalizer")
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt_neox",
-                "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj")
+                "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj", "gemma3_text", "starcoder2", "gpt_bigcode")
 MODEL_KINDS = ("masked", "causal", "seq2seq")
 
 
@@ -73,6 +76,7 @@ class Backbone:
     kind: str  # "masked", "causal" or "seq2seq": where the verbalizer reads and how label words are tokenized
     name: str  # what the user asked for: alias, HF id or folder
     path: str  # the local folder actually loaded
+    notes: tuple[str, ...] = ()  # what loading changed that a user should hear about (one line each)
 
     @property
     def embedding_dim(self) -> int:
@@ -185,13 +189,18 @@ def max_positions(model: nn.Module) -> int | None:
     return int(limit)
 
 
-def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict, choices: int = 0) -> nn.Module:
+def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dict,
+                choices: int = 0) -> tuple[nn.Module, tuple[str, ...]]:
+    """The task model for `head` and the notes on what loading changed (a head that did not fit, replaced)."""
     import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
 
     if head == "classifier" and choices:  # HF's own multiple-choice head: one score per (context, candidate) row
         if kind == "seq2seq":
             raise ValueError(f"transformers has no multiple-choice head for {config.model_type!r}; "
                              "use --head verbalizer (the decoder scores each candidate)")
+        # a folder's sequence classifier (C outputs) does not fit the one score per candidate: a fresh head, which
+        # prompt tuning trains anyway (a checkpoint brings its own)
+        kwargs = {**kwargs, "ignore_mismatched_sizes": True}
         auto = transformers.AutoModelForMultipleChoice
     elif head == "classifier":
         if kind == "seq2seq":  # BartForSequenceClassification finds its EOS in input_ids, so no prompt can go in
@@ -206,13 +215,18 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
         auto = {"masked": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM,
                 "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
     try:
-        return auto.from_pretrained(path, config=config, **kwargs)
+        model, info = auto.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise ValueError(f"transformers has no {auto.__name__[len('AutoModelFor'):]} model for "
                              f"{config.model_type!r}; use --head {'verbalizer' if head == 'classifier' else 'classifier'}"
                              f" or another model") from None
         raise
+    mismatched = sorted({key.split(".")[0] for key, *_ in info.get("mismatched_keys", ())})
+    if choices and head == "classifier" and mismatched:
+        return model, (f"the {'/'.join(mismatched)} weights of {path} do not fit a multiple-choice head (one score "
+                       f"per candidate): a fresh head is used, trained with the prompt",)
+    return model, ()
 
 
 def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "auto",
@@ -231,6 +245,7 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from None
+    check_family(config.model_type)  # only families the verification matrix checks (ptp_core/verified.py)
     kind = model_kind(config)
     kwargs = {"dtype": dtype}
     if attn_implementation:
@@ -242,7 +257,7 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
             # weights missing from the folder (e.g. a pooler) get one init on every load; the CPU generator only
             # (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[]) does not restore)
             torch.default_generator.manual_seed(0)
-            model = _load_model(path, config, head, kind, num_labels, kwargs, choices)
+            model, notes = _load_model(path, config, head, kind, num_labels, kwargs, choices)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from None
@@ -252,4 +267,6 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.requires_grad_(False)
     model.eval()
-    return Backbone(model.to(resolve_device(device)), tokenizer, kind, name, str(path))
+    for note in notes:  # a library does not print; the command line shows a warning as it shows the others
+        warnings.warn(note, stacklevel=2)
+    return Backbone(model.to(resolve_device(device)), tokenizer, kind, name, str(path), notes)

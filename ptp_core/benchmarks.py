@@ -2,13 +2,15 @@
 official train and validation splits, one from the Hugging Face hub and one from a folder in the official SuperGLUE
 layout (train.jsonl, val.jsonl). Only the formats live here; ptp_core.data builds the Task and its splits.
 
-Templates and label words follow PET's patterns (Schick & Schuetze 2021, pet/pvp.py) and, for GLUE, LM-BFF's
-(Gao et al. 2021). Label names keep the order of the hub's ClassLabel, so both readers give the same indices.
+Templates and label words are after PET's patterns (Schick & Schuetze 2021, pet/pvp.py) and, for GLUE, LM-BFF's
+(Gao et al. 2021); docs/tasks.md says where each differs from its source. A task whose template places a field after
+{mask} also has a causal form, which a causal LM reads. Label names keep the order of the hub's ClassLabel, so both
+readers give the same indices.
 """
 from __future__ import annotations
 
 import json
-import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +35,9 @@ class Benchmark:
     columns: tuple[str, ...] = ()  # the hub's column for each field, when it is named differently
     test_split: str = "validation"  # the official split with public labels that becomes our test split
     folder: str = ""  # the official SuperGLUE folder name; "" for GLUE, which has no folder reader
+    # a causal LM reads the label word as the token after the text: where `template` places a field after {mask},
+    # this form places every field before it and ends at {mask}; "" when `template` already does
+    causal_template: str = ""
 
     def column(self, field: str) -> str:
         return self.columns[self.fields.index(field)] if self.columns else field
@@ -40,13 +45,15 @@ class Benchmark:
 
 NO_YES, YES_NO = ("No", "Yes"), ("Yes", "No")
 ENTAILMENT = ("entailment", "not_entailment")
+QUESTION_ANSWER = '"{premise}" Question: "{hypothesis}" ? Answer: {mask}'  # RTE and CB for a causal LM
 FALSE_TRUE = ("false", "true")
 BENCHMARKS = {b.name: b for b in (
     Benchmark("super_glue/rte", SUPER_GLUE_HUB, "rte", ("premise", "hypothesis"), ENTAILMENT, YES_NO,
-              '"{hypothesis}" ? {mask}, "{premise}"', folder="RTE"),
+              '"{hypothesis}" ? {mask}, "{premise}"', folder="RTE", causal_template=QUESTION_ANSWER),
     Benchmark("super_glue/cb", SUPER_GLUE_HUB, "cb", ("premise", "hypothesis"),
               ("entailment", "contradiction", "neutral"), ("Yes", "No", "Maybe"),
-              '"{hypothesis}" ? {mask}, "{premise}"', metric="macro_f1", folder="CB"),
+              '"{hypothesis}" ? {mask}, "{premise}"', metric="macro_f1", folder="CB",
+              causal_template=QUESTION_ANSWER),
     Benchmark("super_glue/boolq", SUPER_GLUE_HUB, "boolq", ("question", "passage"), FALSE_TRUE, NO_YES,
               "{passage}. Question: {question}? Answer: {mask}.", folder="BoolQ"),
     Benchmark("super_glue/copa", SUPER_GLUE_HUB, "copa", ("premise", "connector"), ("choice1", "choice2"),
@@ -63,23 +70,35 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("glue/cola", GLUE_HUB, "cola", ("text",), ("unacceptable", "acceptable"), ("incorrect", "correct"),
               "{text} This is {mask}.", metric="mcc", columns=("sentence",)),
     Benchmark("glue/mrpc", GLUE_HUB, "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), NO_YES,
-              "{sentence1} ? {mask}, {sentence2}", metric="f1"),
+              "{sentence1} ? {mask}, {sentence2}", metric="f1",
+              causal_template="{sentence1} Question: {sentence2} ? Answer: {mask}"),
     Benchmark("glue/qqp", GLUE_HUB, "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), NO_YES,
-              "{question1} ? {mask}, {question2}", metric="f1"),
+              "{question1} ? {mask}, {question2}", metric="f1",
+              causal_template="{question1} Question: {question2} Answer: {mask}"),
     Benchmark("glue/qnli", GLUE_HUB, "qnli", ("question", "sentence"), ENTAILMENT, YES_NO,
-              "{question} ? {mask}, {sentence}"),
+              "{question} ? {mask}, {sentence}", causal_template="{sentence} Question: {question} Answer: {mask}"),
     Benchmark("glue/mnli", GLUE_HUB, "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-              ("Yes", "Maybe", "No"), "{premise} ? {mask}, {hypothesis}", test_split="validation_matched"),
+              ("Yes", "Maybe", "No"), "{premise} ? {mask}, {hypothesis}", test_split="validation_matched",
+              causal_template="{premise} Question: {hypothesis} ? Answer: {mask}"),
     Benchmark("glue/rte", GLUE_HUB, "rte", ("sentence1", "sentence2"), ENTAILMENT, YES_NO,
-              '"{sentence2}" ? {mask}, "{sentence1}"'),
+              '"{sentence2}" ? {mask}, "{sentence1}"',
+              causal_template='"{sentence1}" Question: "{sentence2}" ? Answer: {mask}'),
 )}
 FOLDERS = {b.folder.lower(): b for b in BENCHMARKS.values() if b.folder}
+# SuperGLUE's other folders and hub configurations, refused by name with what to use instead
+_RECORD = ("ReCoRD is not supported: its answers are entity spans of the passage, not labels or candidates; use "
+           "RTE, CB, BoolQ, COPA, WiC, WSC or MultiRC")
+_DIAGNOSTIC = ("is SuperGLUE's diagnostic set (one file to score an RTE model on, no train split) and is not supported "
+               "as a task; train and evaluate on RTE (--task super_glue/rte or path/to/RTE)")
+UNSUPPORTED = {"record": _RECORD, "ax-b": f"AX-b {_DIAGNOSTIC}", "axb": f"AX-b {_DIAGNOSTIC}",
+               "ax-g": f"AX-g {_DIAGNOSTIC}", "axg": f"AX-g {_DIAGNOSTIC}"}
 
 
 class OfficialSplit(NamedTuple):
     examples: list  # str (single field `text`) or dict[str, object] of named fields [+ "choices": list[str]]
     labels: list[int]  # indices into Benchmark.label_names
     groups: list[int] | None  # MultiRC: a running question id per answer option; None elsewhere
+    passages: list[int] | None = None  # MultiRC: a running passage id per answer option (FewGLUE counts passages)
 
 
 def is_benchmark_name(name: str) -> bool:
@@ -88,6 +107,9 @@ def is_benchmark_name(name: str) -> bool:
 
 
 def benchmark_by_name(name: str) -> Benchmark:
+    config = name.lower().partition("/")[2]
+    if name.lower().startswith("super_glue/") and config in UNSUPPORTED:
+        raise ValueError(f"benchmark {name!r}: {UNSUPPORTED[config]}")
     if name.lower() not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}, or a folder in the "
                          "official SuperGLUE layout")
@@ -97,6 +119,12 @@ def benchmark_by_name(name: str) -> Benchmark:
 def folder_benchmark(path: Path) -> Benchmark | None:
     """The SuperGLUE task a folder's name says (RTE, CB, BoolQ, COPA, WiC, WSC, MultiRC; any case), else None."""
     return FOLDERS.get(path.name.lower())
+
+
+def unsupported_folder(path: Path) -> str | None:
+    """Why a folder named after a SuperGLUE set that is no task here (ReCoRD, AX-b, AX-g) is refused, else None."""
+    reason = UNSUPPORTED.get(path.name.lower())
+    return None if reason is None else f"folder {path}: {reason}"
 
 
 def _label(benchmark: Benchmark, value) -> int:
@@ -113,12 +141,35 @@ def _label(benchmark: Benchmark, value) -> int:
 
 
 def _copa(row: dict) -> dict:
-    """PET's COPA text: the premise without its final punctuation, each choice starting in lower case."""
+    """PET's COPA text (pet/pvp.py CopaPVP): the premise and each choice without their final punctuation
+    (str.rstrip(string.punctuation)), each choice starting in lower case; the connector is because/so."""
     if row["question"] not in COPA_CONNECTORS:
         raise ValueError(f"COPA question {row['question']!r} is neither cause nor effect")
-    lower_first = [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])]
-    return {"premise": re.sub(r"[.!?]+$", "", row["premise"].strip()),
-            "connector": COPA_CONNECTORS[row["question"]], "choices": lower_first}
+    choices = [(c[:1].lower() + c[1:]).rstrip(string.punctuation) for c in (row["choice1"], row["choice2"])]
+    return {"premise": row["premise"].rstrip(string.punctuation), "connector": COPA_CONNECTORS[row["question"]],
+            "choices": choices}
+
+
+WSC_UNFIXABLE = ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin")  # words between them: wsc.fixed keeps them
+
+
+def _fix_wsc_span(text: str, span: str, word_index: int) -> str:
+    """A WSC span as the hub's `wsc.fixed` has it (the `datasets` super_glue script, _fix_wst): a span that is not a
+    substring of the text takes the case of the text's word at its index for its first letter and loses its final
+    periods and newlines. (The script's one other branch, for "theyscold", changes neither text nor span.)"""
+    if span in text or span in WSC_UNFIXABLE:
+        return span
+    word = text.split()[word_index]
+    span = (span[0].lower() if word[0].islower() else span[0].upper()) + span[1:]
+    return span.rstrip(".").replace("\n", " ")
+
+
+def _wsc_row(record: dict) -> dict:
+    """An official WSC record (spans nested under "target") as the hub's wsc.fixed row."""
+    row = {**record, **record["target"]}
+    for span in ("span1", "span2"):
+        row[f"{span}_text"] = _fix_wsc_span(row["text"], row[f"{span}_text"], row[f"{span}_index"])
+    return row
 
 
 def _example(benchmark: Benchmark, row: dict):
@@ -129,19 +180,27 @@ def _example(benchmark: Benchmark, row: dict):
     return {field: str(row[benchmark.column(field)]) for field in benchmark.fields}
 
 
-def _official_split(benchmark: Benchmark, rows: list[dict], group_keys: list | None, source: str) -> OfficialSplit:
-    """Examples and label indices of flat rows; group_keys (one hashable per row) become running ids 0, 1, ..."""
+def _running_ids(keys: list | None) -> list[int] | None:
+    """One hashable per row -> ids 0, 1, ... in order of first appearance."""
+    if keys is None:
+        return None
+    ids: dict = {}
+    return [ids.setdefault(key, len(ids)) for key in keys]
+
+
+def _official_split(benchmark: Benchmark, rows: list[dict], group_keys: list | None, source: str,
+                    passage_keys: list | None = None) -> OfficialSplit:
+    """Examples and label indices of flat rows; group_keys (MultiRC: a question per row) and passage_keys (its
+    passage) become running ids 0, 1, ..."""
+    if not rows:
+        raise ValueError(f"{source} has no rows; give the official file of {benchmark.name}, one JSON object a line")
     try:
         examples = [_example(benchmark, row) for row in rows]
         labels = [_label(benchmark, row["label"]) for row in rows]
     except KeyError as missing:
         raise ValueError(f"{source} has a row without {missing}; {benchmark.name} needs "
                          f"{', '.join(benchmark.columns or benchmark.fields)} and label") from None
-    groups = None
-    if group_keys is not None:
-        ids: dict = {}
-        groups = [ids.setdefault(key, len(ids)) for key in group_keys]
-    return OfficialSplit(examples, labels, groups)
+    return OfficialSplit(examples, labels, _running_ids(group_keys), _running_ids(passage_keys))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -153,7 +212,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _flatten_multirc(records: list[dict]) -> tuple[list[dict], list[tuple[int, int]]]:
-    """Official MultiRC nests passage.text > questions[].question > answers[].text/label: one row per answer."""
+    """Official MultiRC nests passage.text > questions[].question > answers[].text/label: one row per answer, and
+    its (record index, question index) key: the record index names the passage."""
     rows, keys = [], []
     for p, record in enumerate(records):
         passage = record["passage"]
@@ -178,11 +238,12 @@ def read_folder(benchmark: Benchmark, folder: Path) -> dict[str, OfficialSplit]:
         try:
             if benchmark.folder == "MultiRC":
                 records, keys = _flatten_multirc(records)
-            elif benchmark.folder == "WSC":  # the spans are nested under "target"
-                records = [{**r, **r["target"]} for r in records]
-        except (KeyError, TypeError) as error:
+            elif benchmark.folder == "WSC":
+                records = [_wsc_row(r) for r in records]
+        except (KeyError, TypeError, IndexError) as error:
             raise ValueError(f"{path} is not in the official {benchmark.folder} format (missing {error})") from None
-        out[split] = _official_split(benchmark, records, keys, str(path))
+        out[split] = _official_split(benchmark, records, keys, str(path),
+                                     None if keys is None else [passage for passage, _ in keys])
     return out
 
 
@@ -219,5 +280,6 @@ def read_hub(benchmark: Benchmark) -> dict[str, OfficialSplit]:
                 keys = [(r["idx"]["paragraph"], r["idx"]["question"]) for r in rows]
             except (KeyError, TypeError):
                 raise ValueError(f"{benchmark.hub_id} (multirc) rows lack idx.paragraph/idx.question") from None
-        out[split] = _official_split(benchmark, rows, keys, f"{benchmark.hub_id} ({benchmark.config}, {hub_split})")
+        out[split] = _official_split(benchmark, rows, keys, f"{benchmark.hub_id} ({benchmark.config}, {hub_split})",
+                                     None if keys is None else [paragraph for paragraph, _ in keys])
     return out

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ptp_core.backbones import load_backbone, resolve, resolve_device
-from ptp_core.data import DEFAULT_TEMPLATE, Task, load_task
+from ptp_core.data import Task, default_template, load_task
 from ptp_core.io import atomic_folder, file_mode, to_json, write_json, write_text
 from ptp_core.model import PromptModel
 from ptp_core.prefix import prefix_shape
@@ -151,8 +151,9 @@ class Checkpoint:
         choices = meta.get("choices") or 0  # K candidates of a multiple-choice task
         backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation,
                                  choices)
-        default_template = DEFAULT_TEMPLATE if meta["head"] == "verbalizer" else "{text}"
-        model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default_template,
+        fields = tuple(meta.get("fields") or ("text",))  # a checkpoint without its template: the task's default cloze
+        default = default_template(fields) if meta["head"] == "verbalizer" else "{text}"
+        model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default,
                             meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()}, choices,
                             self.prompt_type)
         if model.prompt_width != self.params["prompt"].shape[1]:

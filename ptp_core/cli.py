@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -35,7 +36,9 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     in 5 of 35 runs, 1 of 10 even after a barrier and destroy_process_group), which would fail a finished run.
     """
     try:
-        main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            main(argv)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -44,6 +47,11 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     except KeyboardInterrupt:
         fail("interrupted; what was finished is saved, run the same command again to resume")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (a head replaced, an untested version) as one line, without the source line."""
+    print(f"warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
 
 def auto_device(requested: str = "auto") -> str:

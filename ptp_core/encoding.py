@@ -5,11 +5,13 @@ PromptModel holds no tokenization logic of its own. An example is a string (the 
 of named fields; a multiple-choice example also holds "choices", K candidate texts, folded into the rows.
 The template decides where the answer is read:
     masked LM verbalizer   at the mask token the template places ({mask})
-    causal LM verbalizer   at the last token, the template cut before {mask} (the answer is the next token)
+    causal LM verbalizer   at the last token, the template cut before {mask} (the answer is the next token;
+                           a template with a field after {mask} is refused: put {mask} last)
     classifier, seq2seq    at the last token, {mask} dropped (the decoder or the head writes the answer)
-The classifier head encodes named fields as the tokenizer encodes a pair, tokenizer(first field, the others):
-the model's own separators and, for the BERT family, segment ids. The text mask marks the tokens of the fields
-(and candidates), the only ones a perturbation may touch, never the template's or the special tokens.
+The classifier head encodes named fields as the tokenizer encodes a pair, tokenizer(first field, the others joined
+by the model's separator): the model's own separators and, for the BERT family, segment ids. The text mask marks the
+tokens of the fields (and candidates), the only ones a perturbation may touch, never the template's or the special
+tokens.
 """
 from __future__ import annotations
 
@@ -83,17 +85,34 @@ def _padded(sequences: list[list[int]], width: int, fill: int) -> Tensor:
     return out
 
 
-def label_word_ids(tokenizer, label_words: list[str], kind: str) -> Tensor:
-    """(C,) the first token of each label word, as the model would generate or fill it in."""
+def label_word_ids(tokenizer, label_words: list[str], kind: str, template: str = "{text} {mask}") -> Tensor:
+    """(C,) the token of each label word as it stands in the text at the answer.
+
+    After a space where the template puts one before {mask} ("ĠYes" for RoBERTa and GPT-2, as PET and LM-BFF
+    score it), the bare word where it does not; seq2seq decoders write it as a word after a space. A word of several
+    tokens is refused: the verbalizer scores one token.
+    """
+    spaced = "{mask}" not in template or template.split("{mask}")[0][-1:].isspace()
+    lead = tokenizer("a", add_special_tokens=False).input_ids  # a one-letter word: " word" is read after it
     ids = []
     for word in label_words:
-        text = word if kind == "masked" else " " + word  # generated words follow a space
-        tokens = tokenizer(text, add_special_tokens=False).input_ids
+        if kind == "seq2seq":
+            tokens = tokenizer(" " + word, add_special_tokens=False).input_ids
+        elif spaced:  # after another word: a text that starts with a space may get a "▁" of its own (SentencePiece)
+            in_context = tokenizer("a " + word, add_special_tokens=False).input_ids
+            tokens = in_context[len(lead):] if in_context[:len(lead)] == lead else tokenizer(
+                " " + word, add_special_tokens=False).input_ids
+        else:
+            tokens = tokenizer(word, add_special_tokens=False).input_ids
         if not tokens:
             raise ValueError(f"label word {word!r} tokenizes to nothing")
+        if len(tokens) > 1:
+            raise ValueError(f"label word {word!r} is {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)} "
+                             "for this tokenizer, but the verbalizer scores one token; choose a one-token word "
+                             "(--label-words) or score whole words as multiple choice")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"label words {label_words} share their first token; choose distinct words")
+        raise ValueError(f"label words {label_words} share their token; choose distinct words")
     return torch.tensor(ids)
 
 

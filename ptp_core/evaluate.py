@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--task", default=None, help="task to evaluate on (default: the one in ptp.json)")
-    p.add_argument("--examples", type=cli.positive(int), default=None, help="first N examples of the split")
+    p.add_argument("--examples", type=cli.positive(int), default=None,
+                   help="first N examples of the split (MultiRC: up to the end of the question the N-th is in)")
     p.add_argument("--batch-size", type=cli.positive(int), default=EVAL_BATCH_SIZE)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    num_labels=task.num_labels)
     dtype = resolve_dtype(args.dtype, model.device)
     with autocast(model.device, dtype):
-        result = evaluate(model, dict(model.params), task.splits[args.split].head(args.examples), args.batch_size,
-                          task.metric)
+        subset = task.splits[args.split].head(args.examples, whole_groups=True)  # EM: never cut through a question
+        result = evaluate(model, dict(model.params), subset, args.batch_size, task.metric)
     result["dtype"] = dtype
     print(json.dumps(result))
     return result

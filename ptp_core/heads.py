@@ -18,12 +18,23 @@ class Replay(nn.Module):
     """Stands in for the backbone inside a head view: returns the backbone output it was handed.
 
     The task model's own forward (pooler, pre_classifier, ClassificationHead, ContextPooler, score, LM head)
-    then runs on hidden states computed once for all G stacked prompts; no head is re-implemented here.
+    then runs on hidden states computed once for all G stacked prompts; no head is re-implemented here. A forward
+    that calls a part of its backbone (OPT's `self.model.decoder(...)`) reaches this replay too: every sub-module
+    name of the replaced backbone (`stands_for`) answers with the replay itself.
     """
 
-    def __init__(self):
+    def __init__(self, stands_for: frozenset[str] = frozenset()):
         super().__init__()
         self.output = None
+        self.stands_for = stands_for
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.__dict__.get("stands_for", ()):
+                return self
+            raise
 
     def forward(self, *args, **kwargs):
         return self.output
@@ -39,6 +50,9 @@ def head_view(model: nn.Module, replay: Replay) -> nn.Module:
     """A shallow copy of the task model whose backbone is `replay` (parameters shared, nothing copied)."""
     view = copy.copy(model)
     view._modules = dict(model._modules)  # a new dict: the original keeps its backbone
+    backbone = model._modules.get(model.base_model_prefix)  # None where the body is not one child (T5)
+    names = backbone.named_modules() if backbone is not None else ()
+    replay.stands_for = frozenset(part for name, _ in names for part in name.split(".") if part)
     view._modules[model.base_model_prefix] = replay
     return view
 

@@ -50,9 +50,10 @@ def step_gradients(model: PromptModel, params: dict[str, Tensor], batch: Batch, 
 
 @dataclass
 class FitResult:
-    """What the training loop leaves: the best step's tensors on validation, the log, the prompt's trajectory."""
-    params: dict[str, Tensor]  # the best step's tensors (the initial ones when training stopped before validating)
-    best_accuracy: float  # validation accuracy at best_step
+    """What the training loop leaves: the selected step's tensors, the log, the prompt's trajectory."""
+    params: dict[str, Tensor]  # the best step's tensors (the initial ones when training stopped before validating);
+    # with selection "last", the last finite step's
+    best_accuracy: float  # validation accuracy at best_step (NaN with selection "last": no validation)
     best_step: int
     log: list[dict]  # a row per step, and a row per validation
     trajectory: dict[str, Tensor]  # "prompts" (S, P, D), "steps" (S,)
@@ -82,16 +83,21 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
                prior_entropy: float, report: Callable[[dict], None] = lambda row: None,
                reparam: Reparameterization = Identity()) -> FitResult:
     """The training loop: optimizer steps on `trainable` (updated in place), validation every eval_every steps,
-    the best step on validation accuracy kept; stops at the first non-finite loss. reparam.forward(trainable) are
-    the model's params (without a reparameterization: trainable itself)."""
+    the best step on validation accuracy kept (config.selection "last": no validation at all, the last step kept);
+    stops at the first non-finite loss. reparam.forward(trainable) are the model's params (without a
+    reparameterization: trainable itself)."""
     optimizer, scheduler = make_optimizer(trainable, config)
     params = reparam.forward(trainable)
     train_split = task.splits["train"]
-    valid_batches, _ = batch_split(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
+    validate = config.selection == "validation"
+    valid_batches = []
+    if validate:
+        valid_batches, _ = batch_split(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
     log, snapshots, snapshot_steps = [], [params["prompt"].detach().cpu().clone()], [0]
     best_params, best_accuracy, best_step, status = _copy(params), -1.0, 0, "complete"
     pending = []  # this epoch's batches of example indices not trained on yet
     bar = tqdm(range(1, config.steps + 1), desc=f"{config.method} seed {config.seed}", disable=not config.progress)
+    last_step = 0  # the last step whose update was applied
     for step in bar:
         if not pending:
             pending = batch_indices(len(train_split), config.batch_size, generator)
@@ -101,20 +107,22 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
         with autocast(model.device, compute_dtype):
             losses = step_gradients(model, params, batch, config, noise_generator, step)
         if not all(math.isfinite(v) for v in losses.values()):
-            status = f"stopped: non-finite loss at step {step}; kept the best checkpoint before it"
+            kept = "best" if validate else "last"
+            status = f"stopped: non-finite loss at step {step}; kept the {kept} step before it"
             break
         reparam.backward(params, trainable)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         params = reparam.forward(trainable)
+        last_step = step
         bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
         log.append({"step": step, "lr": scheduler.get_last_lr()[0], **losses})
         report(log[-1])
         if step % config.snapshot_every == 0:
             snapshots.append(params["prompt"].detach().cpu().clone())
             snapshot_steps.append(step)
-        if step % config.eval_every == 0 or step == config.steps:
+        if validate and (step % config.eval_every == 0 or step == config.steps):
             with autocast(model.device, compute_dtype):
                 result = evaluate(model, params, valid_batches)
             recent = [row["clean_loss"] for row in log[-config.eval_every:] if "clean_loss" in row]
@@ -124,7 +132,9 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
             if result["accuracy"] > best_accuracy:
                 best_params, best_accuracy, best_step = _copy(params), result["accuracy"], step
     bar.close()
-    if best_accuracy < 0:  # stopped before the first validation: measure the initial prompt
+    if not validate:  # PET's no-dev protocol: the last step is the checkpoint, nothing is measured on validation
+        best_params, best_accuracy, best_step = _copy(params), math.nan, last_step
+    elif best_accuracy < 0:  # stopped before the first validation: measure the initial prompt
         with autocast(model.device, compute_dtype):
             best_accuracy = evaluate(model, best_params, valid_batches)["accuracy"]
     trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(snapshot_steps)}  # (S, P, D), (S,)

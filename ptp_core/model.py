@@ -23,6 +23,7 @@ from ptp_core.encoding import Batch
 from ptp_core.heads import Replay, head_module_names, head_view, slice_output, target_log_probs
 from ptp_core.prefix import PROMPT_TYPES
 from ptp_core.templates import IGNORE
+from ptp_core.verified import cell_head, check_cell
 
 PROMPT_INITS = ("random", "vocab", "text", "label_words")
 HEAD_INIT_STD = 0.02  # transformers' default initializer_range
@@ -54,6 +55,8 @@ class PromptModel(nn.Module):
         if prompt_type not in PROMPT_TYPES:
             raise ValueError(f"unknown prompt type {prompt_type!r}; use one of {', '.join(PROMPT_TYPES)}")
         self.prompt_type = prompt_type
+        # only cells the verification matrix checks against a reference (ptp_core/verified.py)
+        check_cell(self.backbone.config.model_type, self.kind, prompt_type, cell_head(head, choices))
         # deep: the prompt is PEFT's prefix (P, L*2*H*d), keys and values inside every attention layer
         self.prefix_shape = prefix.prefix_shape(self.backbone.config) if prompt_type == "deep" else None
         if self.prefix_shape is not None:
@@ -74,7 +77,7 @@ class PromptModel(nn.Module):
                 raise ValueError(f"verbalizer needs {num_labels} label words, got {self.label_words}")
             # on the backbone's device: PromptModel itself is never moved, and a CPU index would copy every forward
             label_ids = (torch.empty(0, dtype=torch.long) if choices  # candidates bring their own tokens
-                         else encoding.label_word_ids(self.tokenizer, self.label_words, self.kind))  # (C,)
+                         else encoding.label_word_ids(self.tokenizer, self.label_words, self.kind, template))  # (C,)
             self.register_buffer("label_ids", label_ids.to(self.device), persistent=False)
             if self.kind == "masked" and self.tokenizer.mask_token is None:
                 raise ValueError(f"{self.model_name} has no mask token for a masked-LM verbalizer")
@@ -164,18 +167,29 @@ class PromptModel(nn.Module):
                     answer = length + batch.answer_index.repeat(groups)  # (G*R,)
                     picked = states[torch.arange(states.shape[0], device=states.device), answer].unsqueeze(1)
                     hidden = type(hidden)(last_hidden_state=picked)  # (G*R, 1, H)
-                logits = self._run_head(head_params, hidden, groups)  # (G, R, C)
+                    logits = self._run_head(head_params, hidden, groups)  # (G, R, C)
+                else:  # every position goes on, so the head pools over the real ones (mean pooling reads the mask)
+                    logits = self._run_head(head_params, hidden, groups, attention)  # (G, R, C)
         if batch.choices:
             logits = logits.reshape(groups, len(batch), batch.choices)  # (G, B, K): one score per candidate row
         return logits if stacked else logits.squeeze(0)
 
     def _encode(self, prompt: Tensor, full: Tensor, attention: Tensor, **segments):
-        """The backbone's hidden states; a deep prompt enters every attention layer, text positions after it."""
+        """The backbone's hidden states; a deep prompt enters every attention layer, text positions after it
+        (a decoder's count its real tokens, so left padding moves no row's positions, as one example alone)."""
         if self.prefix_shape is None:
             return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, **segments)
-        positions = prefix.text_positions(self.backbone, prompt.shape[-2], full.shape[1], full.device)  # (1, T)
+        if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True
+                                           for m in self.backbone.modules()):
+            # checkpointed layers recompute in backward, outside the forward that hands them the prefix
+            raise ValueError("deep prompts cannot train with gradient checkpointing (its recomputation runs without "
+                             "the prefix); turn gradient_checkpointing off or use --prompt-type shallow")
+        counted = attention if self.kind == "causal" else None
+        positions = prefix.text_positions(self.backbone, prompt.shape[-2], full.shape[1], full.device,
+                                          counted)  # (1, T), or (G*R, T) counted from the mask
+        padding = (attention.cumsum(1) == 0).sum(1) if counted is not None else None  # (G*R,) left padding
         prompts = prompt.shape[0] if prompt.dim() == 3 else 1  # 1 prompt for G input perturbations: all rows see it
-        with prefix.prefix(prompt, self.prefix_shape, full.shape[0] // prompts):
+        with prefix.prefix(prompt, self.prefix_shape, full.shape[0] // prompts, padding):
             return self.backbone.base_model(inputs_embeds=full, attention_mask=attention, position_ids=positions,
                                             **segments)
 
@@ -237,8 +251,9 @@ class PromptModel(nn.Module):
         scores = picked.new_zeros(targets.shape[0]).index_add(0, rows, picked.squeeze(1))  # (G*R,)
         return scores.reshape(groups, batch.rows)
 
-    def _run_head(self, head_params: dict[str, Tensor], hidden, groups: int) -> Tensor:
-        """(G, B, C) class logits: the task model's own forward over `hidden`, with the head tensors substituted.
+    def _run_head(self, head_params: dict[str, Tensor], hidden, groups: int, mask: Tensor | None = None) -> Tensor:
+        """(G, B, C) class logits: the task model's own forward over `hidden` (and its attention `mask` (G*B, T),
+        which a pooling head reads), with the head tensors substituted.
 
         Stacked head tensors (G, ...) run the head once per group on that group's rows (the backbone ran once).
         """
@@ -246,19 +261,26 @@ class PromptModel(nn.Module):
         stacked = any(v.dim() == shapes[k] + 1 for k, v in head_params.items())
         size = hidden.last_hidden_state.shape[0] // groups  # B: rows per group
         if not stacked:
-            return self._head_logits(head_params, hidden).reshape(groups, size, -1)  # (G, B, C)
+            return self._head_logits(head_params, hidden, mask=mask).reshape(groups, size, -1)  # (G, B, C)
         parts = [self._head_logits({k: v[g] if v.dim() == shapes[k] + 1 else v for k, v in head_params.items()},
-                                   slice_output(hidden, g * size, (g + 1) * size)) for g in range(groups)]
+                                   slice_output(hidden, g * size, (g + 1) * size),
+                                   mask=None if mask is None else mask[g * size:(g + 1) * size])
+                 for g in range(groups)]
         return torch.stack(parts)  # (G, B, C)
 
-    def _head_logits(self, head_params: dict[str, Tensor], hidden, every_word: bool = False) -> Tensor:
+    def _head_logits(self, head_params: dict[str, Tensor], hidden, every_word: bool = False,
+                     mask: Tensor | None = None) -> Tensor:
         """(N, C) the head's logits: the classifier's (multiple choice: (N, 1), one score per candidate row), or
-        the label words' at the answer position; every_word: the whole vocabulary there (N, V)."""
+        the label words' at the answer position; every_word: the whole vocabulary there (N, V). mask (N, T): the
+        attention mask of `hidden`'s positions, handed to the task model's forward as PEFT's forward hands it."""
         self._replay.output = hidden
         states = hidden.last_hidden_state  # HF's multiple-choice models fold a (N, K, ...) input: K = 1 here
+        folded = self.choices and self.head == "classifier"
+        inputs = {"inputs_embeds": states.unsqueeze(1) if folded else states}
+        if mask is not None:
+            inputs["attention_mask"] = mask.unsqueeze(1) if folded else mask  # (N, 1, T) or (N, T)
         try:
-            out = functional_call(self._head_view, head_params, (),
-                                  {"inputs_embeds": states.unsqueeze(1) if self.choices and self.head == "classifier" else states}, strict=False)
+            out = functional_call(self._head_view, head_params, (), inputs, strict=False)
         finally:
             self._replay.output = None
         if self.head == "classifier":

@@ -3,13 +3,16 @@
 One mechanism for every family whose attention goes through transformers' attention interface
 (`ALL_ATTENTION_FUNCTIONS`): the backbone runs under a registered implementation, `ptp_prefix_sdpa` or
 `ptp_prefix_eager`, that puts the current layer's prefix keys and values before the text's, gives the mask P
-always-visible columns and then calls the implementation the model was loaded with. Outside a `prefix(...)`
-context it is that implementation unchanged, so the same backbone still runs shallow prompts and plain forwards.
+columns (visible, or windowed in a sliding-window layer) and then calls the implementation the model was loaded
+with. Outside a `prefix(...)` context it is that implementation unchanged, so the same backbone still runs shallow
+prompts and plain forwards.
 
 Semantics, as P-tuning v2 had them on transformers 4.x and PEFT's CAUSAL_LM prefix tuning has them now:
-every text position sees all P prefix slots (a decoder attends to them as to a cache), and text positions start
-after the prefix (BERT's position ids shift by P; RoBERTa's by P after its padding offset; a decoder continues
-after its cache).
+prefix slot j sits at position j and the text after the prefix (BERT's position ids shift by P; RoBERTa's by P
+after its padding offset; a decoder continues after its cache, counting only its real tokens). Every text
+position sees all P prefix slots, except in a sliding-window layer (Mistral, Gemma2, Qwen2, Phi-3, ModernBERT's
+local layers), where a slot is seen by the queries whose window reaches its position, as PEFT's cache is.
+ALiBi models are refused: their bias is built inside the model from the text's mask.
 
 Layout (PEFT's PREFIX_TUNING `prompt_embeddings`): the prompt is (P, L*2*H*d), per virtual token the layers in
 order, in each layer the keys then the values, each (H, d) with H the key/value heads (fewer than the query heads
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 PROMPT_TYPES = ("shallow", "deep")
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+ALIBI_FAMILIES = ("bloom", "mpt")  # always ALiBi; Falcon says so in its config (alibi=True)
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("ptp_prefix", default=None)
 
 
@@ -69,6 +73,11 @@ def check_supported(model: nn.Module, kind: str) -> None:
     if kind == "seq2seq":
         raise ValueError(f"deep prompts are not supported on encoder-decoders ({family}): PEFT's prefix there also "
                          "rewrites the cross-attention cache; use --prompt-type shallow")
+    if getattr(model.config, "alibi", False) or family in ALIBI_FAMILIES:
+        # the model builds its ALiBi bias from the text's mask alone (rounded to bfloat16): the prefix columns get
+        # none, and the text's is not the one PEFT's longer mask gives (3.7e-2 logits apart on a tiny Falcon)
+        raise ValueError(f"deep prompts are not supported on ALiBi models ({family}): the prefix would get no "
+                         "position bias; use --prompt-type shallow or a rotary model (Falcon with alibi=False)")
     module = sys.modules[type(model.base_model).__module__]
     if not (hasattr(module, "ALL_ATTENTION_FUNCTIONS") and hasattr(module, "eager_attention_forward")):
         raise ValueError(f"deep prompts need transformers' attention interface, which {family}'s attention does not "
@@ -113,10 +122,11 @@ def install(model: nn.Module, kind: str) -> None:
 
 
 class _Prefix:
-    """The keys and values (L, 2, G, H, P, d) of one forward over G*R rows, and how many layers have run."""
+    """The keys and values (L, 2, G, H, P, d) of one forward over G*R rows, how many layers have run, and the left
+    padding (G*R,) before each row's text where positions count real tokens (None: positions are indices)."""
 
-    def __init__(self, layers: Tensor, rows: int):
-        self.layers, self.rows, self.calls = layers, rows, 0
+    def __init__(self, layers: Tensor, rows: int, padding: Tensor | None = None):
+        self.layers, self.rows, self.calls, self.padding = layers, rows, 0, padding
 
     def next(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """This layer's keys and values, each (G*R, H, P, d)."""
@@ -148,10 +158,12 @@ def join_layers(layers: Tensor) -> Tensor:
 
 
 @contextmanager
-def prefix(prompt: Tensor, shape: PrefixShape, rows: int):
+def prefix(prompt: Tensor, shape: PrefixShape, rows: int, padding: Tensor | None = None):
     """Within this block, every attention layer of an installed model sees the deep prompt (P, width) or
-    (G, P, width); the forward's batch is G*R rows, group g's rows g*R..(g+1)*R-1 see prefix g."""
-    state = _Prefix(split_layers(prompt, shape), rows)
+    (G, P, width); the forward's batch is G*R rows, group g's rows g*R..(g+1)*R-1 see prefix g. padding (G*R,):
+    the left padding of each row, which a sliding window does not count between the prefix and the text (the
+    text's positions count real tokens: text_positions with its mask)."""
+    state = _Prefix(split_layers(prompt, shape), rows, padding)
     token = _CURRENT.set(state)
     try:
         yield state
@@ -174,22 +186,50 @@ def record():
         _CURRENT.reset(token)
 
 
+def _prefix_window(query: Tensor, key: Tensor, length: int, window: int | None,
+                   padding: Tensor | None = None) -> Tensor | None:
+    """(N or 1, 1, Q, P) bool: which prefix columns each query sees under a sliding window of `window` (None: all).
+
+    Prefix slot j sits at position j and the text at P onwards, as PEFT's cache of length P places them; the
+    queries are the last Q of the K text positions, less each row's left `padding` (N,) where given. transformers'
+    sliding windows keep key k for query q iff q - k < window (causal: kv_idx > q_idx - window; ModernBERT's
+    bidirectional layers pass window = half + 1 and keep |q - k| <= half), and a prefix key is always before the
+    query, so one inequality covers both.
+    """
+    if window is None:
+        return None
+    queries = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device) + length  # (Q,)
+    queries = queries[None] if padding is None else queries[None] - padding[:, None]  # (N or 1, Q)
+    slots = torch.arange(length, device=query.device)  # (P,)
+    return ((queries[:, :, None] - slots) < window).unsqueeze(1)  # (N or 1, 1, Q, P)
+
+
 def _extend_mask(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor, length: int,
-                 base: str) -> Tensor | None:
-    """The attention mask with `length` visible prefix columns before the text's keys."""
+                 base: str, window: int | None = None, padding: Tensor | None = None) -> Tensor | None:
+    """The attention mask with `length` prefix columns before the text's keys: visible to every query, or, in
+    a sliding-window layer, to the queries whose window reaches them (_prefix_window)."""
+    reach = _prefix_window(query, key, length, window, padding)  # (N or 1, 1, Q, P) or None
     if mask is None:
-        if not (getattr(module, "is_causal", False) and query.shape[2] > 1):
+        causal = getattr(module, "is_causal", False) and query.shape[2] > 1
+        if not causal and reach is None:
             return None  # everything visible, the prefix included
-        # the base would have used is_causal; with the prefix the causal pattern is an explicit mask
-        text = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
-        mask = text[None, None]  # (1, 1, Q, K)
+        # the base would have used is_causal (or no mask); with the prefix the pattern is an explicit mask
+        text = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        mask = (text.tril(key.shape[2] - query.shape[2]) if causal else text)[None, None]  # (1, 1, Q, K)
         if base == "eager":
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~mask, torch.finfo(query.dtype).min)
-    if mask.dtype == torch.bool:
-        visible = mask.new_ones(*mask.shape[:-1], length)
+    if reach is None:  # a mask may hold one row for all queries: (B, 1, 1, K)
+        reach = torch.ones(mask.shape[-2], length, dtype=torch.bool, device=query.device)
     else:
-        visible = mask.new_zeros(*mask.shape[:-1], length)  # additive: 0 lets attention through
+        rows = max(mask.shape[0], reach.shape[0])
+        mask = mask.expand(rows, mask.shape[1], query.shape[2], -1)  # (B, 1, Q, K)
+    reach = reach.expand(*mask.shape[:-2], -1, -1)  # (B, 1, Q, P)
+    if mask.dtype == torch.bool:
+        visible = reach
+    else:  # additive: 0 lets attention through
+        visible = torch.zeros(reach.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~reach, torch.finfo(mask.dtype).min)
     return torch.cat([visible, mask], dim=-1)  # (B, 1, Q, P+K)
 
 
@@ -204,15 +244,23 @@ def _prefixed_attention(base: str, function, module: nn.Module, query: Tensor, k
     if not isinstance(state, _Prefix):
         return function(module, query, key, value, attention_mask, **kwargs)
     prefix_keys, prefix_values = state.next(key.dtype)  # (N, H, P, d) each
-    attention_mask = _extend_mask(attention_mask, module, query, key, prefix_keys.shape[2], base)
+    attention_mask = _extend_mask(attention_mask, module, query, key, prefix_keys.shape[2], base,
+                                  kwargs.get("sliding_window"), state.padding)
     key = torch.cat([prefix_keys, key], dim=2)  # (N, H, P+T, d)
     value = torch.cat([prefix_values, value], dim=2)
     return function(module, query, key, value, attention_mask, **kwargs)
 
 
-def text_positions(model: nn.Module, length: int, width: int, device: torch.device) -> Tensor:
+def text_positions(model: nn.Module, length: int, width: int, device: torch.device,
+                   attention: Tensor | None = None) -> Tensor:
     """(1, T) position ids of text tokens that start after a prefix of `length`: where a shallow prompt's text
-    would sit (RoBERTa-like embeddings count from padding_idx + 1)."""
+    would sit (RoBERTa-like embeddings count from padding_idx + 1).
+
+    attention (N, T): count only the real tokens, (N, T) ids P + cumsum(mask) - 1, which is what a decoder gives a
+    row alone and what OPT (and HF's generate) give a left-padded batch under PEFT's extended mask.
+    """
     start = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
     start = start + 1 if isinstance(start, int) else 0
+    if attention is not None:
+        return start + length + (attention.long().cumsum(1) - 1).clamp(min=0)  # (N, T); padding: a real neighbour's
     return torch.arange(start + length, start + length + width, device=device).unsqueeze(0)

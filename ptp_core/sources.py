@@ -51,7 +51,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def hf_rows(name: str) -> list[dict]:
-    """Every row of an HF dataset with its columns and a `split` column (none when it has no validation split)."""
+    """Every row of an HF dataset with its columns and a `split` column (valid and dev read as validation; none when
+    a split has another name). A ClassLabel's -1, `datasets`' mark of a hidden label, becomes None."""
     if importlib.util.find_spec("datasets") is None:
         raise ValueError(f"{name!r} is neither an embedded task nor a file, and the `datasets` package is not "
                          "installed; pip install datasets, or give a CSV/JSONL file with text,label columns")
@@ -66,11 +67,14 @@ def hf_rows(name: str) -> list[dict]:
     rows = []
     for split_name, hf_split in loaded.items():
         target = {"valid": "validation", "dev": "validation"}.get(split_name, split_name)
+        class_label = isinstance(hf_split.features.get("label"), datasets.ClassLabel)
         for row in hf_split.to_list():
             if "text" not in row and "sentence" in row:  # single-sentence datasets (SST-2, CoLA) name it so
                 row["text"] = row["sentence"]
+            if class_label and row.get("label") == -1:  # e.g. every test row of SST-2 and SNLI's unlabelled pairs
+                row["label"] = None
             rows.append({**row, "split": target})
-    if not any(r["split"] == "validation" for r in rows):
+    if any(r["split"] not in ("train", "validation", "test") for r in rows):
         for r in rows:
-            r.pop("split")  # no validation split given: split everything deterministically
+            r.pop("split")  # splits we cannot place: split every labelled row deterministically
     return rows

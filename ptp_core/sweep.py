@@ -98,14 +98,16 @@ def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
         row = {"method": method, "runs": len(metas)}
         if metas:
             test = [m["metrics"]["test_accuracy"] for m in metas]
-            valid = [m["metrics"]["best_validation_accuracy"] for m in metas]
+            valid = [m["metrics"]["best_validation_accuracy"] for m in metas  # None: a run that used no validation
+                     if m["metrics"]["best_validation_accuracy"] is not None]
             curves = [validation_curve(m) for m in metas]
             steps = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated by every seed
             spread = [_std([c[s] for c in curves]) for s in steps]
             row.update(collapsed=sum(bool(m["metrics"].get("collapsed")) for m in metas),
                        test_accuracy_mean=statistics.fmean(test), test_accuracy_std=_std(test),
                        test_accuracy_min=min(test), test_accuracy_max=max(test),
-                       best_validation_accuracy_mean=statistics.fmean(valid), best_validation_accuracy_std=_std(valid),
+                       best_validation_accuracy_mean=statistics.fmean(valid) if valid else math.nan,
+                       best_validation_accuracy_std=_std(valid),
                        validation_curve_seed_std_mean=statistics.fmean(spread) if spread else math.nan,
                        validation_curve_seed_std_final=spread[-1] if spread else math.nan)
         rows.append({**{k: row.get(k, 0 if k == "collapsed" else math.nan) for k in SUMMARY_COLUMNS},

@@ -9,7 +9,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -20,7 +20,7 @@ from torch import Tensor
 from ptp_core import cli
 from ptp_core.backbones import autocast, default_head, load_backbone, resolve_device, resolve_dtype
 from ptp_core.checkpoint import META, save_checkpoint
-from ptp_core.data import Task, load_task
+from ptp_core.data import Task, check_causal_template, load_task
 from ptp_core.evaluate import collapsed, evaluate, label_prior_entropy
 from ptp_core.io import check_output_folder
 from ptp_core.loop import FitResult, fit_prompt
@@ -32,6 +32,10 @@ from ptp_core.reporting import REPORT_TO, TrainingReport
 
 METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial perturbations (perturb.py)
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling inside every PTP ascent step
+# which step is saved: the best on validation accuracy, or the last (PET's few-shot protocol uses no dev set)
+SELECTIONS = ("validation", "last")
+SELECTION_NOTES = {"validation": "the step with the best validation accuracy is saved",
+                   "last": "no validation split is used; the last step is saved (PET's no-dev protocol)"}
 
 
 # Default prompt learning rates, from small searches on the embedded task (docs/results.md, Training):
@@ -70,6 +74,7 @@ class TrainConfig:
     template: str | None = None
     text_fields: tuple[str, ...] = ("text",)  # the text columns of a CSV/JSONL task (--text-fields premise,hypothesis)
     train_examples: int | None = None  # a seeded subset of the train split (FewGLUE: 32); None: all of it
+    selection: str = "validation"  # last: no validation split is used, the last step is saved (PET's no-dev)
     device: str = "auto"  # cuda when a GPU is present
     dtype: str = "auto"  # bf16 autocast where the hardware multiplies bf16 natively (weights stay float32)
     cache_dir: str | None = None
@@ -88,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.train_examples is not None and self.train_examples <= 0:
             raise ValueError(f"--train-examples must be > 0, got {self.train_examples}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown --selection {self.selection!r}; use one of {', '.join(SELECTIONS)}")
         if self.head == "auto":
             self.head = default_head(self.model)
         if self.lr is None:
@@ -117,10 +124,16 @@ def _versions() -> dict:
 
 
 def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptModel:
-    """The frozen backbone with its head for `task`; the verbalizer reads the task's cloze template."""
+    """The frozen backbone with its head for `task`; the verbalizer reads the task's cloze template (a causal LM,
+    without --template, the task's causal form, which ends at {mask})."""
     backbone = load_backbone(config.model, config.head, task.num_labels, device, torch.float32,
                              Path(config.cache_dir) if config.cache_dir else None, choices=task.choices)
-    template = task.template if config.head == "verbalizer" else (config.template or "{text}")
+    template = config.template or "{text}"
+    if config.head == "verbalizer":
+        causal = backbone.kind == "causal" and config.template is None and task.causal_template
+        template = task.causal_template if causal else task.template
+        if backbone.kind == "causal":
+            check_causal_template(template)
     return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length,
                        choices=task.choices, prompt_type=config.prompt_type)
 
@@ -165,6 +178,7 @@ def train(config: TrainConfig) -> Path:
     generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
     noise_generator = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations: their own stream
     task = load_task(config.task, config.label_words, config.template, None, config.text_fields, config.train_examples)
+    task = replace(task, split_info={**task.split_info, "selection": SELECTION_NOTES[config.selection]})
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
     model = build_prompt_model(config, task, device)
@@ -174,7 +188,8 @@ def train(config: TrainConfig) -> Path:
         result = fit_prompt(model, trainable, task, config, generator, noise_generator, compute_dtype, prior_entropy,
                             report.log, reparam)
         with autocast(device, compute_dtype):
-            test = evaluate(model, result.params, task.splits["test"].head(config.test_examples), metric=task.metric)
+            test = evaluate(model, result.params, task.splits["test"].head(config.test_examples, whole_groups=True),
+                            metric=task.metric)
         meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
         with report.saving(out) as folder:  # the checkpoint folder, event files inside, published as a whole
             save_checkpoint(folder, result.params, meta, result.trajectory, model.backbone.config, log=result.log)
@@ -189,7 +204,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=d.model, help="minilm, smollm2, an HF model id or a local folder")
     p.add_argument("--task", default=d.task, help="rotten_tomatoes, super_glue/rte, glue/mrpc, a folder, a file")
     p.add_argument("--text-fields", type=lambda s: tuple(s.split(",")), default=d.text_fields, help="file columns")
-    p.add_argument("--train-examples", type=cli.positive(int), default=None, help="seeded subset (FewGLUE: 32)")
+    p.add_argument("--train-examples", type=cli.positive(int), default=None,
+                   help="seeded subset (FewGLUE: 32; a benchmark then validates on N other train examples)")
+    p.add_argument("--selection", default=d.selection, choices=SELECTIONS,
+                   help="validation: save the step with the best validation accuracy; last: use no validation split "
+                        "and save the last step (PET's no-dev protocol)")
     p.add_argument("--head", default=d.head, choices=("auto", "classifier", "verbalizer"))
     p.add_argument("--prompt-len", dest="prompt_length", type=int, default=d.prompt_length)
     p.add_argument("--prompt-init", default=d.prompt_init, choices=PROMPT_INITS)

@@ -49,7 +49,7 @@ def _expected(task: str, records: list[dict]) -> tuple[list, list[int], list | N
             labels.append(int(r["label"]))
         elif task == "COPA":
             examples.append({"premise": r["premise"][:-1], "connector": {"cause": "because", "effect": "so"}[
-                r["question"]], "choices": ["t" + r["choice1"][1:], "t" + r["choice2"][1:]]})
+                r["question"]], "choices": ["t" + r["choice1"][1:-1], "t" + r["choice2"][1:-1]]})  # PET: no final stop
             labels.append(r["label"])
         elif task == "WiC":
             examples.append({"word": r["word"], "sentence1": r["sentence1"], "sentence2": r["sentence2"]})
@@ -112,16 +112,20 @@ def test_folder_in_the_official_layout(task, tmp_path):
 
 
 def test_few_shot_subset_is_seeded_and_recorded(tmp_path):
-    folder, _ = _write_folder(tmp_path, "RTE", n_train=60)
+    """FewGLUE (P-tuning, ADAPET): N training examples of the official train split and N others to validate on."""
+    folder, official = _write_folder(tmp_path, "RTE", n_train=60)
     full = load_task(str(folder))
     few = load_task(str(folder), train_examples=8)
-    train = full.splits["train"].texts
-    picked = [train.index(e) for e in few.splits["train"].texts]
-    assert len(picked) == 8 and picked == sorted(picked)
-    assert few.splits["train"].texts == load_task(str(folder), train_examples=8).splits["train"].texts
-    assert few.splits["validation"] == full.splits["validation"] and few.splits["test"] == full.splits["test"]
-    assert few.split_info["train_examples"] == 8 and few.split_info["train_examples_of"] == len(train)
-    with pytest.raises(ValueError, match="--train-examples 500"):
+    examples = _expected("RTE", official["train"])[0]
+    picked = [examples.index(e) for e in few.splits["train"].texts]
+    dev = [examples.index(e) for e in few.splits["validation"].texts]
+    assert len(picked) == len(dev) == 8 and picked == sorted(picked) and dev == sorted(dev)
+    assert not set(picked) & set(dev)
+    again = load_task(str(folder), train_examples=8)
+    assert again.splits["train"] == few.splits["train"] and again.splits["validation"] == few.splits["validation"]
+    assert few.splits["test"] == full.splits["test"]
+    assert few.split_info["train_examples"] == 8 and few.split_info["train_examples_of"] == 60
+    with pytest.raises(ValueError, match="--train-examples 500.*ask for 1 to 30"):
         load_task(str(folder), train_examples=500)
 
 
@@ -173,7 +177,8 @@ def test_every_benchmark_by_name(monkeypatch):
         assert calls[-1] == (benchmark.hub_id, benchmark.config)
         assert loaded.fields == benchmark.fields and loaded.metric == benchmark.metric and len(test) == 12
         assert test.labels == [i % loaded.num_labels for i in range(600, 612)]
-        assert loaded.sizes()["train"] + loaded.sizes()["validation"] == 30 and loaded.sizes()["validation"] == 3
+        held = 6 if benchmark.config == "multirc" else 3  # MultiRC: one whole passage of 6 answer options
+        assert loaded.sizes()["train"] + loaded.sizes()["validation"] == 30 and loaded.sizes()["validation"] == held
         assert loaded.source == f"hf:{benchmark.hub_id}/{benchmark.config}"
         if benchmark.fields == ("text",):  # single text stays a plain string
             assert test.texts[0] == "sentence 600"
@@ -182,7 +187,7 @@ def test_every_benchmark_by_name(monkeypatch):
     assert ("aps/super_glue", "wsc.fixed") in calls and ("nyu-mll/glue", "mnli") in calls
     copa = load_task("super_glue/copa").splits["test"].texts[0]
     assert copa == {"premise": "The boy 600 fell", "connector": "because",
-                    "choices": ["he 600 tripped.", "he 600 flew."]}
+                    "choices": ["he 600 tripped", "he 600 flew"]}
     multirc = load_task("super_glue/multirc").splits["test"]
     assert multirc.groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and multirc.texts[0]["answer"] == "Answer 600"
 
@@ -191,7 +196,7 @@ def test_hub_errors_are_one_clear_line(monkeypatch):
     _fake_hub(monkeypatch, [], names={"super_glue/rte": ["yes", "no"]})
     with pytest.raises(ValueError, match="now labels"):
         load_task("super_glue/rte")
-    with pytest.raises(ValueError, match="unknown benchmark 'super_glue/record'"):
+    with pytest.raises(ValueError, match="'super_glue/record': ReCoRD is not supported"):
         load_task("super_glue/record")
 
     def offline(*args, **kwargs):
@@ -281,7 +286,7 @@ def test_train_and_evaluate_record_the_split_info_and_the_metric(tiny_dirs, tmp_
     meta = json.loads((out / "ptp.json").read_text())
     assert meta["metric"] == "mcc" and meta["fields"] == ["text"] and meta["train_examples"] == 12
     assert meta["split_info"]["train_examples"] == 12 and "official validation" in meta["split_info"]["test"]
-    assert meta["split_sizes"] == {"train": 12, "validation": 3, "test": 12}
+    assert meta["split_sizes"] == {"train": 12, "validation": 12, "test": 12}  # FewGLUE's dev: 12 other examples
     assert {"test_accuracy", "test_loss", "test_n", "test_mcc"} <= set(meta["metrics"])
     capsys.readouterr()
     result = evaluate_main([str(out), "--device", "cpu", "--dtype", "float32"])

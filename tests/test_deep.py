@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import make_tokenizer, toy_rows
+from families import reference_encoder_logits  # the explicit float64 prefix attention
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
 from test_families import peft_logits  # PEFT's forward, one example at a time
 
@@ -93,42 +94,6 @@ def test_shallow_prompt_equals_the_deep_prompt_built_from_it_on_decoders(family,
     deep_params = {**params, "prompt": deep.deep_from_shallow(params["prompt"])}
     assert deep_params["prompt"].shape == (3, deep.prompt_width)
     assert (shallow.predict(TEXTS, params) - deep.predict(TEXTS, deep_params)).abs().max() < 1e-5
-
-
-def reference_encoder_logits(model, prompt: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """(N, C) a BERT-like classifier's logits with the prefix written out: each layer's keys and values are the
-    prefix's concatenated before the text's, the mask lets every text position see the prefix, positions start
-    after it (RoBERTa's after its padding offset). Float64, the HF modules called one by one."""
-    task_model = model.backbone
-    base, config = task_model.base_model, task_model.config
-    batch = model.encode(texts)
-    rows, width = batch.input_ids.shape
-    length, heads = prompt.shape[0], config.num_attention_heads
-    dim = config.hidden_size // heads
-    layers = prompt.reshape(length, config.num_hidden_layers, 2, heads, dim)
-    start = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-    hidden = base.embeddings(input_ids=batch.input_ids, position_ids=torch.arange(width)[None] + start + length)
-    if hasattr(base, "embeddings_project"):  # ELECTRA: embeddings narrower than the hidden size
-        hidden = base.embeddings_project(hidden)
-    keep = torch.cat([torch.ones(rows, length, dtype=torch.bool), batch.attention_mask.bool()], 1)  # (N, P+T)
-    for index, layer in enumerate(base.encoder.layer):
-        attention = layer.attention.self
-
-        def split(x):
-            return x.view(rows, -1, heads, dim).transpose(1, 2)  # (N, H, T, d)
-
-        prefix_keys = layers[:, index, 0].permute(1, 0, 2).expand(rows, -1, -1, -1)  # (N, H, P, d)
-        prefix_values = layers[:, index, 1].permute(1, 0, 2).expand(rows, -1, -1, -1)
-        keys = torch.cat([prefix_keys, split(attention.key(hidden))], 2)
-        values = torch.cat([prefix_values, split(attention.value(hidden))], 2)
-        scores = split(attention.query(hidden)) @ keys.transpose(-1, -2) / dim ** 0.5  # (N, H, T, P+T)
-        weights = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
-        context = (weights @ values).transpose(1, 2).reshape(rows, width, -1)
-        attended = layer.attention.output(context, hidden)
-        hidden = layer.output(layer.intermediate(attended), attended)
-    if config.model_type in ("roberta", "electra"):  # their heads read the first token themselves
-        return task_model.classifier(hidden)
-    return task_model.classifier(base.pooler(hidden))
 
 
 def encoder_reference_gaps(directory: str) -> tuple[float, float, float]:

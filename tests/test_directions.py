@@ -1,10 +1,11 @@
 """Directions: orthogonality, filter norms, parallel to the autograd gradient, seeded and bitwise repeatable."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from landscape.grid.directions import input_directions, normalize_direction, prompt_directions
+from landscape.grid.directions import input_directions, normalize_direction, orthonormal_pair, prompt_directions
 from ptp_core.encoding import batch_split
 from ptp_core.data import Split
 from conftest import toy_rows
@@ -133,3 +134,88 @@ def test_input_directions_do_not_depend_on_batching(tiny_bert_model):
                 if index in per_example:
                     torch.testing.assert_close(value, per_example[index], rtol=1e-5, atol=1e-6)
                 per_example[index] = value
+
+
+def test_filter_normalization_gives_biases_a_zero_direction():
+    generator = torch.Generator().manual_seed(1)
+    reference = {"weight": torch.randn(3, 4, generator=generator), "bias": torch.randn(3, generator=generator)}
+    direction = {k: torch.randn(v.shape, generator=generator) for k, v in reference.items()}
+    d1, d2 = orthonormal_pair(direction, {k: v.flip(0) for k, v in direction.items()}, reference, "filter")
+    # Li et al.'s code (net_plotter.normalize_directions_for_weights, ignore='biasbn') zeroes 1-D directions
+    assert torch.all(d1["bias"] == 0) and torch.all(d2["bias"] == 0)
+    torch.testing.assert_close(d1["weight"].norm(dim=1), reference["weight"].norm(dim=1))
+    layer = normalize_direction(direction, reference, "layer")  # layer: a bias is a tensor like any other
+    torch.testing.assert_close(layer["bias"].norm(), reference["bias"].norm())
+
+
+def test_filter_normalization_of_a_deep_prompt_scales_keys_and_values_apart(tiny_dirs):
+    """The filters are training's perturbation units (ptp_core.perturb.prompt_unit): each layer's keys, its values."""
+    from ptp_core.backbones import load_backbone
+    from ptp_core.model import PromptModel
+    from ptp_core.prefix import split_layers
+
+    model = PromptModel(load_backbone(tiny_dirs["gpt2"], "verbalizer", num_labels=2), "verbalizer", 2,
+                        label_words=["negative", "positive"], template="{text} It was {mask}.", prompt_type="deep")
+    params = model.init_params(3, "random", torch.Generator().manual_seed(0))
+    width = params["prompt"].shape[1]
+    values_scale = torch.ones(width)  # values 10x the keys: one filter over both would scale them as one
+    for layer in range(model.prefix_shape.layers):
+        start = (2 * layer + 1) * width // (2 * model.prefix_shape.layers)
+        values_scale[start:start + width // (2 * model.prefix_shape.layers)] = 10.0
+    params["prompt"] = params["prompt"] * values_scale
+    batches, _ = batch_split(model, _examples(4), batch_size=4, by_length=True)
+    plane = prompt_directions(model, params, batches, "random", "filter", seed=0)
+    reference = split_layers(params["prompt"].double(), model.prefix_shape)  # (L, 2, 1, H, P, d)
+    for direction in (plane.d1, plane.d2):
+        blocks = split_layers(direction["prompt"].double(), model.prefix_shape)
+        norms = blocks.pow(2).sum(dim=(3, 5)).sqrt()  # (L, 2, 1, P): per layer, keys/values, virtual token
+        torch.testing.assert_close(norms, reference.pow(2).sum(dim=(3, 5)).sqrt(), rtol=1e-5, atol=1e-7)
+
+
+def _variance_along(snapshots: torch.Tensor, direction: torch.Tensor) -> float:
+    """Independent reference: numpy, float64, the trajectory projected on the unit direction."""
+    matrix = snapshots.double().reshape(len(snapshots), -1).numpy()
+    matrix = matrix - matrix.mean(axis=0)
+    unit = direction.double().reshape(-1).numpy()
+    return float(np.sum((matrix @ (unit / np.linalg.norm(unit))) ** 2) / np.sum(matrix**2))
+
+
+def test_pca_reports_the_variance_of_the_plane_drawn(tiny_bert_model):
+    model = tiny_bert_model
+    batches, _ = batch_split(model, _examples(4), batch_size=4, by_length=True)
+    generator = torch.Generator().manual_seed(0)
+    # rows of very different norms: the filter normalization moves the plane away from the PCA plane
+    params = dict(model.params, prompt=model.params["prompt"] * torch.tensor([[0.1], [1.0], [3.0], [0.5]]))
+    steps = torch.randn(12, *params["prompt"].shape, generator=generator) * torch.linspace(2, 0.1, 12)[:, None, None]
+    prompts = params["prompt"] + steps.cumsum(0)  # (S, P, D): a drifting trajectory
+    plane = prompt_directions(model, params, batches, "pca", "filter", trajectory={"prompts": prompts})
+    expected = [_variance_along(prompts, plane.d1["prompt"]), _variance_along(prompts, plane.d2["prompt"])]
+    np.testing.assert_allclose(plane.info["explained_variance"], expected, rtol=1e-9)
+    assert sum(expected) < sum(plane.info["pca_explained_variance"]) - 0.05  # the drawn plane holds less
+    plain = prompt_directions(model, params, batches, "pca", "none", trajectory={"prompts": prompts})
+    np.testing.assert_allclose(plain.info["explained_variance"], plain.info["pca_explained_variance"], rtol=1e-6)
+
+
+def test_hessian_directions_report_the_curvature_of_the_plane_drawn(tiny_bert_model):
+    model = tiny_bert_model
+    examples = _examples(4)
+    batch = model.encode(examples.texts, examples.labels)
+    plane = prompt_directions(model, model.params, [batch], "hessian", "filter", seed=0)
+    prompt = model.params["prompt"].detach().double()
+
+    def loss(p):  # float64 autograd's own HVP, not landscape.hessian's operator
+        return model.loss({**model.params, "prompt": p.float()}, batch).mean().double()
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the one attention kernel with a second derivative
+        dense = torch.autograd.functional.hessian(loss, prompt, vectorize=True).reshape(prompt.numel(), -1)  # (N, N)
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (dense + dense.T))
+    top = eigenvectors[:, -2:]  # (N, 2)
+    for i, d in enumerate((plane.d1["prompt"], plane.d2["prompt"])):
+        flat = d.double().reshape(-1)
+        assert plane.info["rayleigh_quotients"][i] == pytest.approx(float(flat @ dense @ flat / (flat @ flat)),
+                                                                    rel=1e-3, abs=1e-5)
+        assert plane.info["eigenplane_fraction"][i] == pytest.approx(float((top.T @ flat).pow(2).sum() / (flat @ flat)),
+                                                                     abs=1e-3)
+    assert plane.info["rayleigh_quotients"][0] <= float(eigenvalues[-1]) + 1e-5

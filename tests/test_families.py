@@ -1,7 +1,9 @@
-"""Every family computes what Hugging Face and PEFT compute: both directions against PEFT's own forward.
+"""Every family trains, stacks, differentiates and reads HF's own heads; the helpers that compare with PEFT's forward.
 
+The agreement of every family, prompt type and head with PEFT's forward (both directions through the checkpoint
+files) is tests/test_matrix.py; peft_saved_to_ours and ours_to_peft here are the same two checks on a model folder.
 PEFT's forward is the reference, run one example at a time (it cannot tell padding from inputs_embeds);
-ours runs the examples as one right-padded batch, so these tests also check that padding is invisible.
+ours runs the examples as one right-padded batch, so these checks also show that padding is invisible.
 """
 import numpy as np
 import pytest
@@ -13,7 +15,6 @@ from ptp_core.templates import render
 
 TEXTS = [r["text"] for r in toy_rows(5, seed=11)] + ["good"]  # lengths differ: the batch is right-padded
 LABEL_WORDS = ["negative", "positive"]
-TOLERANCE = 1e-5
 
 
 def build(directory: str, head: str, seed: int = 0, prompt_length: int = 3):
@@ -85,16 +86,6 @@ def ours_to_peft(directory: str, head: str, tmp_path) -> float:
     out = save_checkpoint(tmp_path / "ours", model.params, meta, None, model.backbone.config)
     peft_model = PeftModel.from_pretrained(peft_base(directory, head), out).eval()
     return float((model.predict(TEXTS) - peft_logits(peft_model, model, TEXTS)).abs().max())
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_peft_saved_adapter_gives_peft_logits_here(family, family_dirs, tmp_path):
-    assert peft_saved_to_ours(family_dirs[family], tmp_path) < TOLERANCE
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_our_checkpoint_gives_our_logits_in_peft(family, family_dirs, tmp_path):
-    assert ours_to_peft(family_dirs[family], family_head(family), tmp_path) < TOLERANCE
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

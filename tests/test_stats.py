@@ -11,12 +11,12 @@ import scipy.stats
 
 from landscape.draw.tables import write_metrics_json, write_tables
 from landscape.stats import (
-    bootstrap_ci,
     compare_methods,
     correlate,
     flatten_row,
     statistics,
     summarize,
+    t_interval,
 )
 
 PT = [0.91, 1.30, 0.75, 1.12, 1.05]
@@ -52,34 +52,28 @@ def test_pairwise_tests_equal_scipy():
 
 
 def test_spearman_equals_scipy():
-    correlations = {c.metric: c for c in correlate(make_rows())}
+    correlations = {c.metric: c for c in correlate(make_rows(), n_resamples=20000)}
     reference = scipy.stats.spearmanr(PT + PTP, ACC_PT + ACC_PTP)
     c = correlations["worst_case_sharpness"]
-    assert c.n == 10
-    assert c.spearman_rho == pytest.approx(reference.statistic) and c.p_value == pytest.approx(reference.pvalue)
+    assert c.n == 10 and c.p_method == "permutation (20000)"  # beyond 9 checkpoints: Monte-Carlo permutations
+    assert c.spearman_rho == pytest.approx(reference.statistic)
+    assert c.p_value == pytest.approx(reference.pvalue, abs=0.01)
     assert "test_accuracy" not in correlations
-    never_crossed = correlations["flat_radius_x"]  # all inf: dropped
-    assert never_crossed.n == 0 and "at least 3" in never_crossed.reason
+    never_crossed = correlations["flat_radius_x"]  # all inf: censored, kept, and constant
+    assert never_crossed.n == 10 and "constant" in never_crossed.reason
 
 
-def test_summary_and_bootstrap_ci():
-    summaries = {(s.method, s.metric): s for s in summarize(make_rows(), n_resamples=2000, seed=3)}
+def test_summary_and_t_interval():
+    summaries = {(s.method, s.metric): s for s in summarize(make_rows())}
     s = summaries["pt", "worst_case_sharpness"]
     assert s.n == 5 and s.mean == pytest.approx(np.mean(PT)) and s.std == pytest.approx(np.std(PT, ddof=1))
-    assert s.ci_low < s.mean < s.ci_high and min(PT) <= s.ci_low and s.ci_high <= max(PT)
-    assert bootstrap_ci(PT, 2000, seed=3) == (s.ci_low, s.ci_high) == bootstrap_ci(PT, 2000, seed=3)
-    assert bootstrap_ci(PT, 2000, seed=4) != bootstrap_ci(PT, 2000, seed=3)
-    # The percentile CI of the mean approaches the normal one for a large sample.
-    sample = np.random.default_rng(0).normal(size=400)
-    low, high = bootstrap_ci(sample, 4000, seed=0)
-    half = 1.96 * sample.std(ddof=1) / 20
-    assert low == pytest.approx(sample.mean() - half, abs=0.02)
-    assert high == pytest.approx(sample.mean() + half, abs=0.02)
+    low, high = scipy.stats.t.interval(0.95, 4, loc=np.mean(PT), scale=scipy.stats.sem(PT))
+    assert (s.ci_low, s.ci_high) == pytest.approx((low, high)) == t_interval(PT)
 
 
 def test_groups_smaller_than_two_give_reasons_not_crashes():
     rows = make_rows()[:6]  # five pt, one ptp-adv
-    summaries = {(s.method, s.metric): s for s in summarize(rows, n_resamples=100)}
+    summaries = {(s.method, s.metric): s for s in summarize(rows)}
     lone = summaries["ptp-adv", "worst_case_sharpness"]
     assert lone.n == 1 and lone.mean == PTP[0] and lone.std is None and lone.ci_low is None
     assert "at least 2" in lone.reason

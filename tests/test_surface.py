@@ -134,9 +134,9 @@ def test_corrupt_json(tmp_path: Path) -> None:
 def test_other_format_version(tmp_path: Path) -> None:
     _, json_path = save_surface(quadratic_surface(), tmp_path / "s")
     spec = json.loads(json_path.read_text())
-    spec["format"] = "ptp-landscape-surface/2"
+    spec["format"] = "ptp-landscape-surface/1"
     json_path.write_text(json.dumps(spec))
-    message = _one_line_error(ValueError, json_path, "ptp-landscape-surface/2")
+    message = _one_line_error(ValueError, json_path, "ptp-landscape-surface/1")
     assert FORMAT in message and "recompute" in message
 
 

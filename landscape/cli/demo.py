@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from landscape.demo import run_demo
+from landscape.demo_pipeline import run_demo
 from ptp_core import cli
 
 

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zmax", type=float, default=None)
     p.add_argument("--cmap", default="viridis")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true", help="recompute surfaces whose spec changed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute surfaces of the same checkpoint whose spec changed")
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
     return p
 

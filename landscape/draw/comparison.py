@@ -43,7 +43,7 @@ def figures(comparison: Comparison, config: PlotConfig) -> dict[str, Figure]:
     for space in comparison.spaces():
         suffix = "" if space == "prompt" else f"_{space}"
         groups = comparison.by_method(space)
-        first = {m: g[0] for m, g in groups.items()}  # the representative seed of each method
+        first = {m: g[0] for m, g in groups.items()}  # the representative seed of each group
         out[f"profiles{suffix}"] = plots.profiles(groups, **style)
         if all(min(s.shape) > 1 for s in first.values()):
             # each title states the metric of the very surface drawn under it, in its own space
@@ -56,15 +56,18 @@ def figures(comparison: Comparison, config: PlotConfig) -> dict[str, Figure]:
         if any(diagrams.values()):
             out[f"persistence{suffix}"] = analysis.persistence_diagram(
                 {m: d for m, d in diagrams.items() if d}, _basin_tau(comparison), **style)
-        pair = [s for g in groups.values() for s in g]
-        if len(pair) == 2 and min(pair[0].shape) > 1 and same_directions(*pair):
-            names = [s.spec.get("method") or "a" for s in pair]
+        pair = [(label, s) for label, g in groups.items() for s in g]
+        identities = [comparison.row(s.spec.get("checkpoint") or "").get("comparable") for _, s in pair]
+        if len(pair) == 2 and identities[0] == identities[1] and min(pair[0][1].shape) > 1 \
+                and same_directions(pair[0][1], pair[1][1]):  # a difference of unlike landscapes means nothing
+            names, pair = [label for label, _ in pair], [s for _, s in pair]
             out[f"difference{suffix}"] = plots.difference(pair[0], pair[1], label_a=names[0], label_b=names[1],
                                                            **style)
     quadratures = {}
-    for row in comparison.rows:  # the first checkpoint of each method, as for the surfaces
-        if row.get("hessian_spectrum_nodes") and row.get("method") not in quadratures:
-            quadratures[row["method"]] = (row["hessian_spectrum_nodes"], row["hessian_spectrum_weights"])
+    for row in comparison.rows:  # the first checkpoint of each group, as for the surfaces
+        label = row.get("group") or row.get("method")
+        if row.get("hessian_spectrum_nodes") and label not in quadratures:
+            quadratures[label] = (row["hessian_spectrum_nodes"], row["hessian_spectrum_weights"])
     if quadratures:
         out["spectrum"] = analysis.spectrum(quadratures, **style)
     if any(row.get("layer_hessian_top_eigenvalue") for row in comparison.rows):  # deep prompts

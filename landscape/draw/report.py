@@ -204,16 +204,22 @@ def report_html(surfaces: Mapping[str, Surface], tables: Mapping[str, Table] | N
 def comparison_html(comparison: Comparison, surfaces: Mapping[str, Surface], trajectories: Mapping[str, Sequence] | None = None,
                     *, zmin: float | None = None, zmax: float | None = None) -> str:
     """The report of a Comparison: the given surfaces, its rows and its statistics."""
-    hidden = ("cost", "settings", "flat_radius", *DISTRIBUTIONS)
+    hidden = ("cost", "settings", "comparable", "flat_radius", *DISTRIBUTIONS)  # comparable: in the Run table
     tables = {"Per checkpoint": [{k: v for k, v in r.items() if k not in hidden} for r in comparison.rows]}
     if comparison.rows:
         stats = comparison.stats
-        tables["Per method: mean, std, 95% bootstrap CI"] = [asdict(s) for s in stats.summaries]
-        tables["Between methods: Welch t, Mann-Whitney U, effect sizes"] = [asdict(t) for t in stats.tests]
-        tables["Spearman correlations: metrics vs test accuracy, sharpness vs calibration error"] = [
+        families = stats.families
+        tables["Per group: mean, std, 95% Student t interval of the n finite values; infinite values counted"] = [
+            asdict(s) for s in stats.summaries]
+        tables["Between groups of one comparable set: Welch t, Mann-Whitney U, effect sizes; adjusted p: "
+               f"{families.get('welch_p_holm', 'Holm')}, {families.get('mann_whitney_p_holm', 'Holm')}"] = [
+            asdict(t) for t in stats.tests]
+        tables["Spearman correlations within each comparable set: metrics vs test accuracy, sharpness vs calibration "
+               f"error; p exact (n <= 9) or by permutation; adjusted p: {families.get('p_holm', 'Holm')}"] = [
             asdict(c) for c in stats.correlations]
         if stats.barriers:
-            tables["Mode connectivity between seeds of one method (loss barriers)"] = [asdict(s) for s in stats.barriers]
+            tables["Mode connectivity between seeds of one group (loss barriers over pairs; no interval where pairs "
+                   "share seeds)"] = [asdict(s) for s in stats.barriers]
     return report_html(surfaces, tables, comparison.metadata, zmin=zmin, zmax=zmax, trajectories=trajectories or None,
                        figures=_analysis_figures(comparison))
 
@@ -222,7 +228,7 @@ def _analysis_figures(comparison: Comparison) -> dict[str, go.Figure]:
     """Interactive spectrum density, persistence diagrams and connectivity paths of a comparison (when measured)."""
     out, first = {}, {}
     for row in comparison.rows:
-        first.setdefault(row.get("method"), row)  # the representative checkpoint of each method
+        first.setdefault(row.get("group") or row.get("method"), row)  # the representative checkpoint of each group
     quadratures = {m: (r["hessian_spectrum_nodes"], r["hessian_spectrum_weights"]) for m, r in first.items()
                    if r.get("hessian_spectrum_nodes")}
     if quadratures:

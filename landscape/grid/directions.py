@@ -7,9 +7,17 @@ embeddings; the surface is mean_i l_i(E_i + α d1_i + β d2_i) with the prompt f
 Normalization (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", §4):
   filter  each row (a prompt token, a head output row, a text token) is scaled to the norm of
           the same row of the reference (the trained tensor, or the token's embedding); a deep prompt's
-          row is one virtual token's keys and values in one layer (each layer on its own scale);
+          row is one virtual token's keys in one layer, or its values in one layer: the 2L blocks that
+          training's perturbation unit scales on their own (ptp_core.perturb.prompt_unit). A 1-D tensor
+          (a head's bias) gets a zero direction, as Li et al.'s code does for biases (ignore='biasbn');
   layer   each tensor (in input space: each example) is scaled to the reference's norm;
   none    unit norm over the whole direction (in input space: per example).
+
+Row-wise scaling moves a plane spanned by two chosen vectors (PCA components, Hessian eigenvectors):
+the drawn plane is span(d1, d2), not span(u1, u2). So `info` describes the plane drawn: for pca the
+trajectory variance along d1 and d2 (`explained_variance`; the PCA plane's own in
+`pca_explained_variance`), for hessian the Rayleigh quotients of d1 and d2 (`rayleigh_quotients`)
+and the fraction of each inside the top-2 eigenvector plane (`eigenplane_fraction`).
 
 Orthogonality vs. norms. Gram-Schmidt over the flattened direction followed by a re-normalization
 per row would break orthogonality (rows get different scales), and stopping after Gram-Schmidt
@@ -30,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from landscape.hessian import Params, top_eigenvalues
+from landscape.hessian import Params, flatten_params, hvp, top_eigenvalues
 from ptp_core.encoding import Batch
 from ptp_core.model import PromptModel
 
@@ -66,7 +74,7 @@ class Directions:
 
 def _rows(tensor: Tensor, norm: str, blocks: int = 1) -> Tensor:
     """(R, K) view of a tensor: its filters (rows) for `filter` on matrices, each row split into `blocks` equal
-    filters (a deep prompt's layers), else one row."""
+    filters (a deep prompt's keys and values of each layer), else one row."""
     if norm == "filter" and tensor.dim() >= 2:
         return tensor.reshape(tensor.shape[0] * blocks, -1)
     return tensor.reshape(1, -1)
@@ -91,12 +99,13 @@ def _check_norm(norm: str) -> None:
 
 
 def normalize_direction(direction: Params, reference: Params, norm: str = "filter",
-                        orthogonal_to: Params | None = None, prompt_layers: int = 1) -> Params:
+                        orthogonal_to: Params | None = None, prompt_blocks: int = 1) -> Params:
     """Scale a direction as `norm` says (filter/layer to the reference's row/tensor norms, none to 1).
 
     With orthogonal_to, each row (filter), tensor (layer) or the whole direction (none) is first made
     orthogonal to the same part of orthogonal_to, so the result is orthogonal to it and keeps its norms.
-    prompt_layers: the layers in each row of a deep prompt, each a filter of its own.
+    prompt_blocks: the equal blocks of each row of a deep prompt (PromptModel.prompt_blocks: every layer's
+    keys and its values), each a filter of its own. Under filter a 1-D tensor (a bias) gets a zero direction.
     """
     _check_norm(norm)
     names = list(direction)
@@ -110,7 +119,10 @@ def normalize_direction(direction: Params, reference: Params, norm: str = "filte
         return {k: p.reshape(work[k].shape).to(direction[k].dtype) for k, p in zip(names, pieces)}
     out = {}
     for name in names:
-        blocks = prompt_layers if name == "prompt" else 1
+        if norm == "filter" and work[name].dim() < 2:  # Li et al.: biases do not move (ignore='biasbn')
+            out[name] = torch.zeros_like(direction[name])
+            continue
+        blocks = prompt_blocks if name == "prompt" else 1
         rows = _rows(work[name], norm, blocks)  # (R, K)
         if orthogonal_to is not None:
             rows = _orthogonalize_rows(rows, _rows(orthogonal_to[name].double(), norm, blocks))
@@ -126,10 +138,10 @@ def random_like(like: Params, generator: torch.Generator) -> Params:
 
 
 def orthonormal_pair(first: Params, second: Params, reference: Params, norm: str,
-                     prompt_layers: int = 1) -> tuple[Params, Params]:
+                     prompt_blocks: int = 1) -> tuple[Params, Params]:
     """(d1, d2): first normalized; second made orthogonal to d1 (row by row) and normalized."""
-    d1 = normalize_direction(first, reference, norm, prompt_layers=prompt_layers)
-    return d1, normalize_direction(second, reference, norm, orthogonal_to=d1, prompt_layers=prompt_layers)
+    d1 = normalize_direction(first, reference, norm, prompt_blocks=prompt_blocks)
+    return d1, normalize_direction(second, reference, norm, orthogonal_to=d1, prompt_blocks=prompt_blocks)
 
 
 # ---- prompt-space kinds --------------------------------------------------------------------------
@@ -148,11 +160,8 @@ def loss_gradient(model: PromptModel, params: Params, batches: Sequence[Batch], 
     return grads
 
 
-def trajectory_pca(trajectory: dict, center: Tensor) -> tuple[Tensor, Tensor, list[float]]:
-    """Top-2 principal directions (P, D) of the prompt snapshots (S, P, D) around their mean.
-
-    Returns (u1, u2, explained variance ratio of each); u1, u2 are orthonormal (Li et al. 2018, §7).
-    """
+def _centred_snapshots(trajectory: dict, center: Tensor) -> Tensor:
+    """The prompt snapshots (S, P, D) as rows (S, P*D) around their mean, float64."""
     if trajectory is None or "prompts" not in trajectory:
         raise ValueError("pca directions need the checkpoint's trajectory.safetensors (prompt snapshots); "
                          "retrain with --snapshot-every N or use --directions gradient")
@@ -161,13 +170,29 @@ def trajectory_pca(trajectory: dict, center: Tensor) -> tuple[Tensor, Tensor, li
         raise ValueError(f"trajectory has snapshots {tuple(snapshots.shape)}; pca needs at least 3 of shape "
                          f"{tuple(center.shape)}; retrain with a smaller --snapshot-every")
     matrix = snapshots.reshape(snapshots.shape[0], -1)  # (S, P*D)
-    matrix = matrix - matrix.mean(dim=0, keepdim=True)
+    return matrix - matrix.mean(dim=0, keepdim=True)
+
+
+def trajectory_pca(trajectory: dict, center: Tensor) -> tuple[Tensor, Tensor, list[float]]:
+    """Top-2 principal directions (P, D) of the prompt snapshots (S, P, D) around their mean.
+
+    Returns (u1, u2, explained variance ratio of each); u1, u2 are orthonormal (Li et al. 2018, §7).
+    """
+    matrix = _centred_snapshots(trajectory, center)  # (S, P*D)
     _, singular, vh = torch.linalg.svd(matrix, full_matrices=False)  # vh: (S, P*D)
     variance = singular ** 2
     ratio = (variance / variance.sum().clamp_min(EPS)).tolist()
     # the sign of a singular vector is arbitrary: fix it so the largest entry is positive
     vectors = [v * torch.sign(v[v.abs().argmax()]) for v in vh[:2]]
     return vectors[0].reshape(center.shape), vectors[1].reshape(center.shape), ratio[:2]
+
+
+def variance_along(trajectory: dict, center: Tensor, d1: Tensor, d2: Tensor) -> list[float]:
+    """Fraction of the trajectory's variance along d1 and along d2 (P, D), orthogonal: what the drawn plane shows."""
+    matrix = _centred_snapshots(trajectory, center)  # (S, P*D)
+    total = matrix.pow(2).sum().clamp_min(EPS)
+    return [float((matrix @ (d.double().reshape(-1) / d.double().norm().clamp_min(EPS))).pow(2).sum() / total)
+            for d in (d1, d2)]
 
 
 def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batch], kind: str = "gradient",
@@ -190,14 +215,14 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
     reference = {k: center[k] for k in names}
     generator = torch.Generator().manual_seed(seed)
     info: dict = {}
-    layers = model.prefix_shape.layers if model.prefix_shape is not None else 1  # a deep prompt: per layer
+    blocks = model.prompt_blocks  # a deep prompt: every layer's keys and values are filters of their own
     if kind == "gradient":
         gradient = loss_gradient(model, center, batches, names, dtype)
-        d1, d2 = orthonormal_pair(gradient, random_like(reference, generator), reference, norm, layers)
+        d1, d2 = orthonormal_pair(gradient, random_like(reference, generator), reference, norm, blocks)
         info["gradient_norm"] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in gradient.values())))
     elif kind == "random":
         d1, d2 = orthonormal_pair(random_like(reference, generator), random_like(reference, generator), reference,
-                                  norm, layers)
+                                  norm, blocks)
     elif kind == "interp":
         if len(others) not in (1, 2):
             raise ValueError(f"interp needs 2 or 3 checkpoints (a line or a plane), got {len(others) + 1}")
@@ -210,28 +235,42 @@ def prompt_directions(model: PromptModel, params: Params, batches: Sequence[Batc
         if names != ["prompt"]:
             raise ValueError("pca directions cover the prompt only (the trajectory holds prompts); use --params prompt")
         u1, u2, ratio = trajectory_pca(trajectory, center["prompt"])
-        d1, d2 = orthonormal_pair({"prompt": u1.float()}, {"prompt": u2.float()}, reference, norm, layers)
-        info["explained_variance"] = ratio
+        d1, d2 = orthonormal_pair({"prompt": u1.float()}, {"prompt": u2.float()}, reference, norm, blocks)
+        info["explained_variance"] = variance_along(trajectory, center["prompt"], d1["prompt"], d2["prompt"])
+        info["pca_explained_variance"] = ratio
     elif kind == "hessian":
         model.check_double_backward()
-        d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed, layers)
+        d1, d2, info = _hessian_pair(model, center, batches, names, norm, seed, blocks)
     else:
         raise ValueError(f"unknown direction kind {kind!r}; use one of {', '.join(DIRECTION_KINDS)}")
     return Directions(kind, norm, seed, center, d1, d2, info)
 
 
 def _hessian_pair(model: PromptModel, center: Params, batches: Sequence[Batch], names: list[str], norm: str,
-                  seed: int, layers: int = 1) -> tuple[Params, Params, dict]:
+                  seed: int, blocks: int = 1) -> tuple[Params, Params, dict]:
     if len(batches) != 1:
         raise ValueError(f"hessian directions use one batch of examples, got {len(batches)}; "
                          "lower --examples to at most --batch-size")
     held = {k: v for k, v in center.items() if k not in names}
     batch = batches[0]
-    result = top_eigenvalues(lambda p: model.loss({**held, **p}, batch).mean(-1),
-                             {k: center[k] for k in names}, k=2, seed=seed)
+    trainable = {k: center[k] for k in names}
+
+    def loss_fn(p: Params) -> Tensor:
+        return model.loss({**held, **p}, batch).mean(-1)
+
+    result = top_eigenvalues(loss_fn, trainable, k=2, seed=seed)
     v1, v2 = ({k: v.float() for k, v in vector.items()} for vector in result.eigenvectors[:2])
-    d1, d2 = orthonormal_pair(v1, v2, {k: center[k] for k in names}, norm, layers)
-    return d1, d2, {"eigenvalues": result.eigenvalues, "converged": result.converged}
+    d1, d2 = orthonormal_pair(v1, v2, trainable, norm, blocks)
+    # the plane drawn is span(d1, d2): its curvature is d^T H d / |d|^2, not the eigenvalues of span(v1, v2)
+    basis = torch.stack([flatten_params(v).double() for v in result.eigenvectors[:2]])  # (2, N)
+    quotients, inside = [], []
+    for d in (d1, d2):
+        flat = flatten_params(d).double()  # (N,)
+        squared = float(flat @ flat) or 1.0
+        quotients.append(float(flatten_params(hvp(loss_fn, trainable, d)).double() @ flat) / squared)
+        inside.append(float((basis @ flat).pow(2).sum()) / squared)
+    return d1, d2, {"eigenvalues": result.eigenvalues, "converged": result.converged,
+                    "rayleigh_quotients": quotients, "eigenplane_fraction": inside}
 
 
 # ---- input space ------------------------------------------------------------------------------------

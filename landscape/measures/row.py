@@ -37,9 +37,13 @@ class MetricsConfig:
     trace_hvps: int = 30  # Hutch++ (Meyer et al. 2021): a third sketches the top subspace
     # measurement radii say their unit in their name (training's --rho/--sigma/--epsilon are relative to the
     # embedding table's RMS instead: ptp_core.perturb)
-    rho_of_norm: float = 0.05  # worst-case ball radius as a fraction of ||theta||, the trained tensors' norm
-    sigma_of_rms: float = 0.01  # average-case noise std as a fraction of the RMS of the trained tensors
-    samples: int = 20
+    # worst-case ball radius as a fraction of ||theta||, the trained tensors' norm; the adaptive ball
+    # ||delta / |theta| || <= rho_of_norm * sqrt(N) has the same rho_of_norm * theta on its boundary
+    rho_of_norm: float = 0.05
+    # average-case noise std per coordinate as a fraction of the reference's RMS (theta in prompt space, each
+    # example's text-token embeddings in input space): E||delta||^2 = sigma_of_rms^2 ||reference||^2 in both
+    sigma_of_rms: float = 0.01
+    samples: int = 20  # perturbed forwards per average: samples // 2 antithetic pairs (delta, -delta)
     ascent_steps: int = 10
     input_eps_of_norm: float = 0.05  # input-space ball radius as a fraction of each example's text-embedding norm
     spectrum_probes: int = 4  # SLQ (landscape.spectrum): 4 probes x 30 Lanczos steps = 120 HVPs
@@ -63,8 +67,8 @@ class MetricsConfig:
             raise ValueError(f"unknown params {self.param_scope!r}; use one of {', '.join(PARAM_SCOPES)}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.samples < 2:
-            raise ValueError(f"samples must be >= 2 for a confidence interval, got {self.samples}")
+        if self.samples < 4:
+            raise ValueError(f"samples must be >= 4 (two antithetic pairs for a confidence interval), got {self.samples}")
 
 
 def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface: Surface | None,
@@ -83,8 +87,7 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
     if input_surface is not None and "surface" in config.which:
         input_metrics = surface_metrics(input_surface.alphas, input_surface.betas, input_surface.loss,
                                         input_surface.accuracy, config.radius, config.tau)
-        extra.update(input_grid_sharpness=input_metrics.grid_sharpness,
-                     input_curvature_eigenvalues=input_metrics.curvature_eigenvalues)
+        extra.update(input_surface_values(input_metrics))
     if "surface" in config.which:
         extra.update(surface_topology(surface, config.basin_tau, ""))
         extra.update(surface_topology(input_surface, config.basin_tau, "input_"))
@@ -94,6 +97,13 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
         results.update(_model_metrics(model, params, split, config))
     return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, test_metrics=test_metrics,
                        prompt_type=model.prompt_type, **results, **extra)
+
+
+def input_surface_values(metrics: SurfaceMetrics) -> dict:
+    """The input-space surface's row keys: input_grid_sharpness, input_curvature_eigenvalues and their reasons."""
+    values = metrics.to_dict()
+    return {f"input_{k}": values[k] for k in ("grid_sharpness", "grid_sharpness_reason", "curvature_eigenvalues",
+                                             "curvature_eigenvalues_reason") if k in values}
 
 
 def surface_topology(surface: Surface | None, tau: float, prefix: str) -> dict:
@@ -136,13 +146,16 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, 
     if "sharpness" in config.which:
         out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, trainable, config.rho_of_norm * float(flat.norm()),
                                                          config.ascent_steps, seed=config.seed)
+        out["adaptive_worst_case"] = sharpness.worst_case_sharpness(
+            loss_fn, trainable, config.rho_of_norm * flat.numel() ** 0.5, config.ascent_steps, adaptive=True,
+            seed=config.seed)
         rms = float(flat.pow(2).mean().sqrt())
         out["average"] = sharpness.average_sharpness(loss_fn, trainable, config.sigma_of_rms * rms, config.samples, config.seed)
     if "input" in config.which:
         loss_input, embeddings, mask = sharpness.input_space_closure(model, params, batch)
         out["input_worst_case"] = sharpness.input_worst_case_sharpness(loss_input, embeddings, mask, config.input_eps_of_norm,
                                                                      config.ascent_steps, seed=config.seed)
-        out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.input_eps_of_norm,
+        out["input_average"] = sharpness.input_average_sharpness(loss_input, embeddings, mask, config.sigma_of_rms,
                                                                config.samples, config.seed)
     if "spectrum" in config.which:
         out["spectrum"] = hessian_spectrum(loss_fn, trainable, config.spectrum_probes, config.spectrum_steps,
@@ -153,7 +166,8 @@ def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, 
 
 def metrics_row(
     checkpoint: str, method: str, seed: int, test_accuracy: float | None = None,
-    surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, average=None,
+    surface: SurfaceMetrics | None = None, eigen=None, trace=None, worst_case=None, adaptive_worst_case=None,
+    average=None,
     input_worst_case=None, input_average=None, spectrum=None, min_eigen=None, layer_curvature=None,
     settings: dict | None = None,
     test_metrics: dict[str, float] | None = None, **extra,
@@ -172,7 +186,8 @@ def metrics_row(
     if surface is not None:
         values = surface.to_dict()
         settings.update(surface_radius=values.pop("radius"), surface_tau=values.pop("tau"))
-        cost["surface_points"] = values.pop("points_used")
+        cost["surface_points"] = values.pop("points_used")  # the disc metrics' support
+        cost["surface_fit_residual_dof"] = surface.fit_residual_dof  # the quadratic fit's
         row.update(values)
     if eigen is not None:
         row.update(hessian_eigenvalues=eigen.eigenvalues, hessian_eigenvalue_residuals=eigen.residuals,
@@ -191,7 +206,7 @@ def metrics_row(
         row.update(hessian_min_eigenvalue=min_eigen.eigenvalue,
                    hessian_min_eigenvalue_residual=min_eigen.residual_norm)
         cost["hessian_min_eigen_hvps"] = min_eigen.hvps
-    for prefix, result in (("", worst_case), ("input_", input_worst_case)):
+    for prefix, result in (("", worst_case), ("adaptive_", adaptive_worst_case), ("input_", input_worst_case)):
         if result is not None:
             row[f"{prefix}worst_case_sharpness"] = result.sharpness
             cost[f"{prefix}worst_case_forwards"] = result.forwards

@@ -30,7 +30,7 @@ class WorstCaseResult:
 
 @dataclass
 class AverageResult:
-    sharpness: float                   # E[L(x + delta)] - L(x), Monte Carlo mean
+    sharpness: float                   # E[L(x + delta)] - L(x), mean over antithetic pairs (delta, -delta)
     ci_low: float                      # 95% t-interval of the mean
     ci_high: float
     center_loss: float
@@ -83,9 +83,10 @@ def worst_case_sharpness(
 ) -> WorstCaseResult:
     """max_{||delta|| <= rho} L(theta + delta) - L(theta) by projected normalized gradient ascent.
 
-    Adaptive (ASAM, Kwon et al. 2021; Andriushchenko et al. 2023): delta = |theta| * u with
-    ||u|| <= rho, so the ball is scaled elementwise by the parameters. step_size is a fraction
-    of rho per step. The returned value is a lower bound of the true maximum.
+    Adaptive (ASAM, Kwon et al. 2021; Andriushchenko et al. 2023, c = |theta|): the ball
+    ||delta / |theta| ||_2 <= rho, i.e. delta = |theta| * u with ||u|| <= rho, scaled elementwise by the
+    parameters (a zero parameter is not perturbed); the ascent runs on u. step_size is a fraction of rho
+    per step. The returned value is a lower bound of the true maximum.
     """
     theta = flatten_params({k: v.detach() for k, v in params.items()})  # (N,)
     scale = theta.abs() if adaptive else torch.ones_like(theta)
@@ -149,6 +150,25 @@ def _mean_with_ci(gains: np.ndarray, center: float, forwards: int) -> AverageRes
     return AverageResult(mean, mean - half, mean + half, center, forwards)
 
 
+def _antithetic_pairs(samples: int) -> int:
+    if samples < 4:
+        raise ValueError(f"samples must be at least 4 (two antithetic pairs for a confidence interval), got {samples}")
+    return samples // 2
+
+
+def _antithetic_gains(gain_at: Callable[[Tensor], float], draw: Callable[[], Tensor], pairs: int) -> np.ndarray:
+    """(pairs,) of (gain(delta) + gain(-delta)) / 2: antithetic pairs (Hammersley & Morton 1956).
+
+    For a Gaussian delta the first-order term g.delta cancels exactly within a pair, so each pair is
+    1/2 delta^T H delta + O(|delta|^4) and the mean needs far fewer samples than plain sampling.
+    """
+    gains = np.empty(pairs)
+    for i in range(pairs):
+        delta = draw()
+        gains[i] = 0.5 * (gain_at(delta) + gain_at(-delta))
+    return gains
+
+
 @torch.no_grad()
 def average_sharpness(
     loss_fn: LossFn, params: Params, sigma: float, samples: int = 100,
@@ -156,19 +176,21 @@ def average_sharpness(
 ) -> AverageResult:
     """E_{delta ~ N(0, sigma^2 I)} L(theta + delta) - L(theta) (Andriushchenko et al. 2023), with a 95% CI.
 
-    adaptive scales the noise elementwise by |theta|.
+    sigma is the per-coordinate std (the row passes sigma_of_rms * RMS(theta): E||delta||^2 = sigma_of_rms^2
+    ||theta||^2). samples: perturbed forwards, drawn as samples // 2 antithetic pairs (delta, -delta); the
+    CI is the t-interval over the pairs. adaptive scales the noise elementwise by |theta|.
     """
-    if samples < 2:
-        raise ValueError(f"samples must be at least 2 for a confidence interval, got {samples}")
+    pairs = _antithetic_pairs(samples)
     like = {k: v.detach() for k, v in params.items()}
     theta = flatten_params(like)  # (N,)
     scale = sigma * (theta.abs() if adaptive else torch.ones_like(theta))
     generator, center = as_generator(seed), float(loss_fn(like))
-    gains = np.empty(samples)
-    for i in range(samples):
-        noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
-        gains[i] = float(loss_fn(unflatten_params(theta + scale * noise, like))) - center
-    return _mean_with_ci(gains, center, samples + 1)
+
+    def draw() -> Tensor:
+        return scale * torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)  # (N,)
+
+    gains = _antithetic_gains(lambda d: float(loss_fn(unflatten_params(theta + d, like))) - center, draw, pairs)
+    return _mean_with_ci(gains, center, 2 * pairs + 1)
 
 
 @torch.no_grad()
@@ -178,20 +200,21 @@ def input_average_sharpness(
 ) -> AverageResult:
     """E_delta mean_b l_b(E_b + delta_b) - l_b(E_b), Gaussian delta_b on b's text tokens only.
 
-    sigma is relative like eps of input_worst_case_sharpness: E||delta_b||^2 = sigma^2 ||E_b||^2.
+    The same radius convention as in prompt space: per-coordinate std sigma * RMS(E_b) over b's text
+    tokens, so E||delta_b||^2 = sigma^2 ||E_b||^2; samples // 2 antithetic pairs as in average_sharpness.
     """
-    if samples < 2:
-        raise ValueError(f"samples must be at least 2 for a confidence interval, got {samples}")
+    pairs = _antithetic_pairs(samples)
     norms, mask = _text_norms(text_embeddings, text_mask)
     per_coordinate = sigma * norms / (mask.flatten(1).sum(dim=1) * text_embeddings.shape[-1]).sqrt()  # (B,)
     generator = as_generator(seed)
     center = float(loss_fn_input(torch.zeros_like(text_embeddings)).mean())
-    gains = np.empty(samples)
-    for i in range(samples):
+
+    def draw() -> Tensor:
         noise = torch.randn(text_embeddings.shape, generator=generator, dtype=text_embeddings.dtype)  # (B, T, D)
-        noise = noise.to(text_embeddings.device)
-        gains[i] = float(loss_fn_input(noise * mask * per_coordinate[:, None, None]).mean()) - center
-    return _mean_with_ci(gains, center, samples + 1)
+        return noise.to(text_embeddings.device) * mask * per_coordinate[:, None, None]
+
+    gains = _antithetic_gains(lambda d: float(loss_fn_input(d).mean()) - center, draw, pairs)
+    return _mean_with_ci(gains, center, 2 * pairs + 1)
 
 
 @dataclass

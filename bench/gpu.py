@@ -34,9 +34,9 @@ BF16_TOLERANCE = 0.01  # max |L_bf16 - L_fp32| / max L_fp32 over the grid
 
 
 def _model(name: str, head: str, device: str):
-    from ptp_core.backbones import load_backbone
-    from ptp_core.data import load_task
-    from ptp_core.model import PromptModel
+    from ptp_core.model.backbones import load_backbone
+    from ptp_core.model.prompt_model import PromptModel
+    from ptp_core.tasks.load import load_task
 
     task = load_task("rotten_tomatoes")
     model = PromptModel(load_backbone(name, head, task.num_labels, device), head, task.num_labels, task.label_words,
@@ -66,8 +66,8 @@ def check_bf16_surface(device: str, quick: bool) -> dict:
 def check_oom_backoff(device: str, quick: bool) -> dict:
     """A chunk of every grid point at once on 512 examples: on a GPU it must hit out-of-memory and back off."""
     from landscape.grid import evaluate as grid
-    from ptp_core.encoding import batch_split
     from landscape.grid.directions import prompt_directions
+    from ptp_core.model.encoding import batch_split
 
     model, task = _model("minilm", "classifier", device)
     examples = task.splits["test"].head(64 if quick else 512)
@@ -138,7 +138,7 @@ def benchmark(name: str, head: str, device: str, quick: bool, peak: float) -> di
 
     from landscape.grid.driver import surface_for_params
     from landscape.grid.spec import SurfaceSpec
-    from ptp_core.encoding import batch_split
+    from ptp_core.model.encoding import batch_split
 
     model, task = _model(name, head, device)
     grid_size, examples = (5, 16) if quick else (51, 512)

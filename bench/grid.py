@@ -22,9 +22,9 @@ from torch import nn
 from landscape.grid.directions import prompt_directions
 from landscape.grid.evaluate import auto_chunk, evaluate_points
 from landscape.grid.spec import SurfaceSpec
-from ptp_core.encoding import batch_split
-from ptp_core.backbones import DTYPES, Backbone, resolve_dtype
-from ptp_core.model import PromptModel
+from ptp_core.model.backbones import DTYPES, Backbone, resolve_dtype
+from ptp_core.model.encoding import batch_split
+from ptp_core.model.prompt_model import PromptModel
 
 
 def matmul_flops(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", default="", help="comma-separated evaluators to skip: loop,loss-landscapes")
     args = p.parse_args(argv)
     from ptp_core.checkpoint import load_checkpoint
-    from ptp_core.data import load_task
+    from ptp_core.tasks.load import load_task
 
     dtype = DTYPES[args.dtype]
     auto = resolve_dtype("auto", args.device)
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = checkpoint.build_model(args.device)
         task = checkpoint.task()
     else:
-        from ptp_core.backbones import load_backbone
-        from ptp_core.model import PromptModel
+        from ptp_core.model.backbones import load_backbone
+        from ptp_core.model.prompt_model import PromptModel
 
         task = load_task("rotten_tomatoes")
         backbone = load_backbone(args.model, "classifier", task.num_labels, args.device)

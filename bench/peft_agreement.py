@@ -3,9 +3,9 @@
     .venv/bin/python bench/peft_agreement.py
 
 Builds the test suite's tiny random model of every family (tests/conftest.py) and runs the two checks of
-tests/test_families.py: a PEFT-saved adapter read here, and our checkpoint read by PeftModel.from_pretrained.
+tests/model/test_families.py: a PEFT-saved adapter read here, and our checkpoint read by PeftModel.from_pretrained.
 PEFT's forward runs one example at a time; ours runs them as one right-padded batch.
-Deep prompts (tests/test_deep.py): decoders against PEFT's CAUSAL_LM prefix tuning in both directions (Llama and
+Deep prompts (tests/model/test_deep.py): decoders against PEFT's CAUSAL_LM prefix tuning in both directions (Llama and
 Qwen2 with fewer key/value heads than heads); encoders against an explicit float64 attention with the prefix
 concatenated (PEFT's SEQ_CLS prefix tuning does not run on transformers 5).
 """
@@ -17,17 +17,17 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "model")]  # conftest.py, families.py; test_families.py
 
 
 def main() -> None:
+    import conftest
     import peft
     import torch
     import transformers
-    from transformers.utils import logging as hf_logging
-
-    import conftest
     from test_families import ours_to_peft, peft_saved_to_ours
+    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -51,10 +51,9 @@ def main() -> None:
 
 def deep_table(root: Path) -> None:
     """The deep-prompt rows: max |logit difference| per family and direction."""
+    import conftest
     import torch
     import transformers
-
-    import conftest
     from test_deep import deep_ours_to_peft, deep_peft_to_ours, encoder_reference_gaps
 
     small = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, initializer_range=0.3)

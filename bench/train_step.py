@@ -28,10 +28,10 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from ptp_core.backbones import load_backbone
-from ptp_core.data import load_task
-from ptp_core.model import PromptModel
-from ptp_core.perturb import PerturbConfig, ptp_gradients
+from ptp_core.model.backbones import load_backbone
+from ptp_core.model.prompt_model import PromptModel
+from ptp_core.tasks.load import load_task
+from ptp_core.training.perturb import PerturbConfig, ptp_gradients
 
 HEADS = {"minilm": "classifier", "smollm2": "verbalizer"}
 VARIANTS = {"pt": "pt", "rn": "ptp-rn (input)", "adv1": "ptp-adv K=1 (input)", "adv3": "ptp-adv K=3 (input)",

@@ -32,11 +32,11 @@ from landscape.measures.row import MetricsConfig, measure, metrics_row, surface_
 from landscape.measures.surface_metrics import surface_metrics
 from landscape.stats import IDENTITY, Statistics, row_groups, statistics
 from landscape.surface import CHECKPOINT_KEYS, Surface, comparable_identity, load_surface, save_surface, surface_paths
-from ptp_core.backbones import resolve_device, resolve_dtype
 from ptp_core.checkpoint import Checkpoint, load_checkpoint
-from ptp_core.data import Task
 from ptp_core.io import to_json
-from ptp_core.task_metrics import METRIC_KEYS
+from ptp_core.model.backbones import resolve_device, resolve_dtype
+from ptp_core.tasks.metrics import METRIC_KEYS
+from ptp_core.tasks.task import Task
 
 
 @dataclass

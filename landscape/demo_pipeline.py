@@ -18,9 +18,10 @@ from landscape.draw.comparison import PlotConfig, draw, write_connection
 from landscape.draw.tables import console_table
 from landscape.grid.spec import SurfaceSpec
 from landscape.measures.row import MetricsConfig
-from ptp_core.backbones import native_bf16, resolve_device, resolve_dtype
+from ptp_core.model.backbones import native_bf16, resolve_device, resolve_dtype
 from ptp_core.sweep import run_dir, run_sweep, summarize_runs, summary_markdown, write_summary
-from ptp_core.train import METHODS, TrainConfig
+from ptp_core.train import TrainConfig
+from ptp_core.training.config import METHODS
 
 
 @dataclass(frozen=True)

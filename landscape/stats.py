@@ -26,7 +26,6 @@ from pathlib import PurePath
 
 import numpy as np
 
-
 ROW_KEYS = ("checkpoint", "method", "seed")
 IDENTITY = "comparable"  # the row key holding what makes its numbers comparable (a dict, never a metric)
 # Columns tabulated but not analysed: row["cost"], row["settings"], row["comparable"] and per-checkpoint uncertainties.

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ptp_core.backbones import load_backbone, resolve, resolve_device
-from ptp_core.data import Task, default_template, load_task
 from ptp_core.io import atomic_folder, file_mode, to_json, write_json, write_text
-from ptp_core.model import PromptModel
-from ptp_core.prefix import prefix_shape
+from ptp_core.model.backbones import load_backbone, resolve, resolve_device
+from ptp_core.model.prefix import prefix_shape
+from ptp_core.model.prompt_model import PromptModel
+from ptp_core.tasks.load import load_task
+from ptp_core.tasks.task import Task, default_template
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 META, TRAJECTORY, LOG = "ptp.json", "trajectory.safetensors", "metrics.jsonl"

@@ -13,7 +13,7 @@ from typing import Callable, NoReturn
 
 import torch.distributed as dist
 
-from ptp_core.backbones import resolve_device
+from ptp_core.model.backbones import resolve_device
 
 
 def fail(message: str) -> NoReturn:

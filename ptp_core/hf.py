@@ -6,7 +6,7 @@
 
 Both run the PEFT model's own frozen base model (nothing is copied) through PromptModel's one loss, with the
 virtual tokens PEFT's prompt encoder produces and the head copy PEFT trains (modules_to_save) substituted.
-PTPTrainer's loss is ptp_core.perturb.ptp_loss: the clean pass and the one perturbed_loss our own loop
+PTPTrainer's loss is ptp_core.training.perturb.ptp_loss: the clean pass and the one perturbed_loss our own loop
 differentiates (ptp_gradients), so Trainer's backward, gradient accumulation and loss scaling act on exactly our
 objective.
 """
@@ -19,13 +19,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ptp_core.backbones import Backbone, model_kind
-from ptp_core.data import DEFAULT_TEMPLATE
-from ptp_core.encoding import Batch
-from ptp_core.model import PromptModel, cross_entropy
-from ptp_core.noise import ExampleNoise, example_noise, keyed_generator
-from ptp_core.perturb import PerturbConfig, ptp_loss
-from ptp_core.train import METHODS
+from ptp_core.model.backbones import Backbone, model_kind
+from ptp_core.model.encoding import Batch
+from ptp_core.model.prompt_model import PromptModel, cross_entropy
+from ptp_core.tasks.task import DEFAULT_TEMPLATE
+from ptp_core.training.config import METHODS
+from ptp_core.training.noise import ExampleNoise, example_noise, keyed_generator
+from ptp_core.training.perturb import PerturbConfig, ptp_loss
 
 HEAD_BY_TASK_TYPE = {"SEQ_CLS": "classifier", "CAUSAL_LM": "verbalizer", "SEQ_2_SEQ_LM": "verbalizer"}
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # PREFIX_TUNING: our deep prompt

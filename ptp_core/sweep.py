@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from ptp_core import cli
 from ptp_core.checkpoint import META
-from ptp_core.evaluate import COLLAPSE_TOLERANCE
 from ptp_core.io import write_text
-from ptp_core.task_metrics import METRIC_KEYS
-from ptp_core.train import METHODS, TrainConfig, add_arguments, config_from_args, train
+from ptp_core.tasks.metrics import METRIC_KEYS
+from ptp_core.train import TrainConfig, add_arguments, config_from_args, train
+from ptp_core.training.config import METHODS
+from ptp_core.training.evaluation import COLLAPSE_TOLERANCE
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
                    "test_accuracy_max", "best_validation_accuracy_mean", "best_validation_accuracy_std",

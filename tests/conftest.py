@@ -178,8 +178,8 @@ def toy_csv(tmp_path_factory) -> str:
 
 
 def build_model(model_dir: str, head: str, seed: int = 0, prompt_length: int = 4):
-    from ptp_core.backbones import load_backbone
-    from ptp_core.model import PromptModel
+    from ptp_core.model.backbones import load_backbone
+    from ptp_core.model.prompt_model import PromptModel
 
     backbone = load_backbone(model_dir, head, num_labels=2)
     model = PromptModel(backbone, head, 2, label_words=["negative", "positive"],

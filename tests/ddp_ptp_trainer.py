@@ -25,7 +25,7 @@ def train(model_dir: str, method: str, out: Path, processes: int = 1) -> tuple[d
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from ptp_core.hf import PTPTrainer
-    from ptp_core.perturb import PerturbConfig
+    from ptp_core.training.perturb import PerturbConfig
     from test_hf import peft_model, toy_dataset
 
     peft, tokenizer = peft_model(model_dir, "bert", "SEQ_CLS")

@@ -3,7 +3,7 @@
 Each family's settings exercise what makes it different (grouped-query heads, sliding windows shorter than the
 test texts, ALiBi, partial rotary, logit softcapping, learned positions that start at an offset, mean pooling),
 at 2 layers, hidden 32 and the toy vocabulary of conftest. A cell is (prompt type, head) with the independent
-reference it is checked against; ptp_core.verified.VERIFIED must equal CELLS (test_matrix asserts it), so that
+reference it is checked against; ptp_core.model.verified.VERIFIED must equal CELLS (test_matrix asserts it), so that
 no family, prompt type or head is accepted without a cell here.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Family:
     config: str  # transformers config class
     settings: dict  # besides vocab_size
     tokenizer: str  # a toy tokenizer kind (tokenizer below)
-    kind: str  # masked, causal, seq2seq (ptp_core.backbones.model_kind)
+    kind: str  # masked, causal, seq2seq (ptp_core.model.backbones.model_kind)
     cells: dict = field(default_factory=dict)  # (prompt type, head) -> reference
     why: str = ""  # what the settings exercise
     deep_settings: dict = field(default_factory=dict)  # overrides for the deep cells
@@ -120,7 +120,7 @@ FAMILIES: dict[str, Family] = {
                                           multi_query=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                                           initializer_range=0.3),
                      "causal", "causal", DECODER_CELLS, "ALiBi (deep cells: rotary), multi-query",
-                     deep_settings=dict(alibi=False)),  # ALiBi deep prompts are refused by ptp_core.prefix
+                     deep_settings=dict(alibi=False)),  # ALiBi deep prompts are refused by ptp_core.model.prefix
     "olmo": Family("OlmoConfig", dict(SMALL, clip_qkv=2.0, bos_token_id=2, eos_token_id=3), "causal", "causal",
                    DECODER_CELLS, "clipped query/key/value"),
     "olmo2": Family("Olmo2Config", dict(SMALL, bos_token_id=2, eos_token_id=3), "causal", "causal", DECODER_CELLS,
@@ -150,7 +150,7 @@ FAMILIES: dict[str, Family] = {
 
 
 def cells() -> dict[str, dict[str, dict[str, str]]]:
-    """family -> prompt type -> head -> reference: what ptp_core.verified.VERIFIED must equal."""
+    """family -> prompt type -> head -> reference: what ptp_core.model.verified.VERIFIED must equal."""
     table: dict = {}
     for name, family in FAMILIES.items():
         for (prompt_type, head), reference in family.cells.items():

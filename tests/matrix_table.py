@@ -3,7 +3,7 @@
     python tests/matrix_table.py      # rewrites the blocks between the marker comments, nothing else
 
 The numbers are the max |logit difference| between our batched forward and each cell's reference
-(tests/test_matrix.py); a cell that fails is written with its error, so the table never claims more than was run.
+(tests/model/test_matrix.py); a cell that fails is written with its error, so the table never claims more than was run.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def replace_block(text: str, begin: str, end: str, lines: list[str]) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE / "model")]  # families.py here, test_matrix.py in model/
     import conftest  # noqa: F401  (offline settings)
 
     with tempfile.TemporaryDirectory() as tmp:

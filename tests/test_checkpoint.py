@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ptp_core.checkpoint import load_checkpoint, save_checkpoint
-from ptp_core.templates import render
+from ptp_core.model.templates import render
 
 
 def _save(model, path, **meta):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import toy_rows
-from ptp_core.perturb import PerturbConfig, ptp_gradients
-from ptp_core.templates import render
+from ptp_core.training.perturb import PerturbConfig, ptp_gradients
+from ptp_core.model.templates import render
 
 TEXTS = [r["text"] for r in toy_rows(8, seed=11)]
 LABELS = [int(r["label"] == "positive") for r in toy_rows(8, seed=11)]
@@ -76,8 +76,8 @@ def test_from_peft_verbalizer_gives_peft_label_word_logits(tiny_dirs):
 
 def our_loop_model(directory: str, peft):
     """Our loop's PromptModel built from the folder (not from PEFT), holding leaf copies of PEFT's trained tensors."""
-    from ptp_core.backbones import load_backbone
-    from ptp_core.model import PromptModel
+    from ptp_core.model.backbones import load_backbone
+    from ptp_core.model.prompt_model import PromptModel
 
     model = PromptModel(load_backbone(directory, "classifier", 2, "cpu"), "classifier", 2)
     head = peft.base_model.classifier.modules_to_save["default"]
@@ -101,7 +101,7 @@ def trainer_for(peft, tokenizer, tmp_path, method: str = "pt", perturb: PerturbC
 
 def step_noise(perturb: PerturbConfig, step: int, keys, attention_mask: torch.Tensor):
     """The randomness PTPTrainer draws at optimizer step `step` (seed 3) for examples keyed `keys`."""
-    from ptp_core.noise import example_noise, keyed_generator
+    from ptp_core.training.noise import example_noise, keyed_generator
 
     if perturb.target == "prompt":
         return keyed_generator(3, step)
@@ -239,9 +239,9 @@ def test_trainer_logs_ptp_scalars_and_saves_an_adapter_we_load(tiny_dirs, tmp_pa
 def test_causal_lm_verbalizer_through_the_trainer_is_our_loop(tiny_dirs, tmp_path, method):
     """A CAUSAL_LM PEFT model with label words: the Trainer's loss and prompt gradient are our loop's on a tiny
     GPT-2 (inputs: the cloze-rendered texts, tokenized by the user; our loop encodes them as the text itself)."""
-    from ptp_core.backbones import load_backbone
+    from ptp_core.model.backbones import load_backbone
     from ptp_core.hf import batch_from_inputs
-    from ptp_core.model import PromptModel
+    from ptp_core.model.prompt_model import PromptModel
 
     perturb = PerturbConfig(target="input", adv_steps=2, epsilon=0.3, reg_weight=0.7, reg_warmup=0, reg_ramp=0)
     peft, tokenizer = peft_model(tiny_dirs["gpt2"], "gpt2", "CAUSAL_LM")
@@ -305,8 +305,8 @@ def test_prefix_tuning_from_peft_and_through_the_trainer_is_our_deep_prompt(tiny
     """PREFIX_TUNING: from_peft gives PEFT's label-word logits; the Trainer's loss and prefix gradient are our
     loop's on a deep prompt (PTP-ADV on the prompt: SAM in each layer's units, no randomness)."""
     from ptp_core import from_peft
-    from ptp_core.backbones import load_backbone
-    from ptp_core.model import PromptModel
+    from ptp_core.model.backbones import load_backbone
+    from ptp_core.model.prompt_model import PromptModel
 
     peft, tokenizer = prefix_peft_model(tiny_dirs["gpt2"])
     model, params = from_peft(peft, tokenizer, label_words=LABEL_WORDS)
@@ -336,8 +336,8 @@ def test_seq_cls_prefix_tuning_trains_through_our_loss(tiny_dirs, tmp_path):
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ptp_core.backbones import load_backbone
-    from ptp_core.model import PromptModel
+    from ptp_core.model.backbones import load_backbone
+    from ptp_core.model.prompt_model import PromptModel
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert"], num_labels=2, **NO_DROPOUT["bert"])

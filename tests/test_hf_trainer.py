@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import toy_rows
-from ptp_core.perturb import PerturbConfig
+from ptp_core.training.perturb import PerturbConfig
 from test_hf import (LABELS, TEXTS, TOLERANCE, our_loop_model, peft_model, step_noise, toy_dataset, train_on,
                      trainer_for)
 
@@ -15,7 +15,7 @@ from test_hf import (LABELS, TEXTS, TOLERANCE, our_loop_model, peft_model, step_
 def test_bf16_trains_under_autocast_and_its_loss_is_autocast_bf16(tiny_dirs, tmp_path):
     """bf16=True: Trainer's first step logs the clean and perturbed CE of an explicit bf16 autocast of ptp_loss,
     not the float32 ones (accelerate's autocast wraps PEFT's forward, which this loss does not call)."""
-    from ptp_core.perturb import ptp_loss
+    from ptp_core.training.perturb import ptp_loss
 
     perturb = PerturbConfig(target="input", reg_warmup=0, reg_ramp=0)
     peft, tokenizer = peft_model(tiny_dirs["bert"], "bert", "SEQ_CLS")
@@ -125,7 +125,7 @@ def test_fp16_adversarial_ascent_under_the_loss_scaler(tiny_dirs, tmp_path):
     from transformers import DataCollatorWithPadding
 
     from ptp_core.hf import batch_from_inputs, peft_params
-    from ptp_core.perturb import ascent_gradient
+    from ptp_core.training.perturb import ascent_gradient
 
     perturb = PerturbConfig(target="input", adv_steps=2, epsilon=0.3, reg_warmup=0, reg_ramp=0)
     peft, tokenizer = peft_model(tiny_dirs["bert"], "bert", "SEQ_CLS")

@@ -78,7 +78,7 @@ def test_sweep_bad_methods_get_one_line(tiny_dirs, tmp_path):
 def test_collapse_flag_on_synthetic_logs(tmp_path):
     from ptp_core.io import write_json
     from ptp_core.sweep import collapsed_runs, summary_markdown
-    from ptp_core.train import collapsed, label_prior_entropy
+    from ptp_core.training.evaluation import collapsed, label_prior_entropy
 
     prior = label_prior_entropy([0] * 60 + [1] * 40, 2)
     assert prior == pytest.approx(-(0.6 * np.log(0.6) + 0.4 * np.log(0.4)))

@@ -21,9 +21,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ptp_core.perturb import PerturbConfig
 from ptp_core.sweep import read_meta, run_dir, run_sweep
 from ptp_core.train import TrainConfig
+from ptp_core.training.perturb import PerturbConfig
 
 # Committed (but for the trajectories), so that the runs can be resumed or re-checked on another machine.
 OUT = Path(__file__).resolve().parent / "runs"

@@ -4,9 +4,16 @@ from __future__ import annotations
 import argparse
 
 from landscape.grid.directions import DIRECTION_KINDS, NORMALIZATIONS
-from landscape.grid.spec import DEVICE_DEFAULT_FIELDS, DEVICE_DEFAULTS, PARAM_SCOPES, SPACES, SurfaceSpec, device_defaults
-from ptp_core.backbones import DTYPE_CHOICES
-from ptp_core.data import SPLITS
+from landscape.grid.spec import (
+    DEVICE_DEFAULT_FIELDS,
+    DEVICE_DEFAULTS,
+    PARAM_SCOPES,
+    SPACES,
+    SurfaceSpec,
+    device_defaults,
+)
+from ptp_core.model.backbones import DTYPE_CHOICES
+from ptp_core.tasks.task import SPLITS
 
 # flag -> (SurfaceSpec field, help, choices); --grid and --examples left out take the device's default
 SPEC_FLAGS = {

@@ -8,9 +8,9 @@ from landscape.connect.run import RESULT_FILE, ConnectConfig, ConnectResult, con
 from landscape.draw.comparison import write_connection
 from landscape.grid.spec import PARAM_SCOPES
 from ptp_core import cli
-from ptp_core.data import SPLITS
 from ptp_core.io import check_output_folder
-from ptp_core.train import TRAIN_DTYPES
+from ptp_core.tasks.task import SPLITS
+from ptp_core.training.config import TRAIN_DTYPES
 
 
 def parser() -> argparse.ArgumentParser:

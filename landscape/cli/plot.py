@@ -17,7 +17,7 @@ from landscape.draw.tables import console_table
 from landscape.grid.spec import DEVICE_DEFAULT_FIELDS
 from landscape.measures.row import DEFAULT_METRICS, METRIC_KINDS, MetricsConfig
 from ptp_core import cli
-from ptp_core.train import TRAIN_DTYPES
+from ptp_core.training.config import TRAIN_DTYPES
 
 
 def parser() -> argparse.ArgumentParser:

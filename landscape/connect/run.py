@@ -16,17 +16,17 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
-from landscape.connect.curve import ScoreFn, midpoint, path_barrier, path_losses, train_control_point
+from landscape.connect.curve import ScoreFn, path_barrier, path_losses, train_control_point
 from landscape.grid.evaluate import auto_chunk, subset_hash
 from landscape.grid.spec import PARAM_SCOPES
 from landscape.hessian import Params
 from landscape.measures.sharpness import BarrierResult
-from ptp_core.backbones import autocast, resolve_device, resolve_dtype
 from ptp_core.checkpoint import Checkpoint, check_comparable, load_checkpoint, params_hash
-from ptp_core.data import SPLITS, Split, batch_indices
-from ptp_core.encoding import batch_split
-from ptp_core.io import atomic_folder, check_output_folder, write_atomic, write_json
-from ptp_core.train import TRAIN_DTYPES
+from ptp_core.io import atomic_folder, write_atomic, write_json
+from ptp_core.model.backbones import autocast, resolve_device, resolve_dtype
+from ptp_core.model.encoding import batch_split
+from ptp_core.tasks.task import SPLITS, Split, batch_indices
+from ptp_core.training.config import TRAIN_DTYPES
 
 CURVE_FILE, RESULT_FILE, FIGURE_STEM = "curve.safetensors", "connect.json", "connect"
 

@@ -9,7 +9,6 @@ from matplotlib.figure import Figure
 from landscape.draw.figures import method_color, style_context
 from landscape.measures.spectral_density import density_curves
 
-
 # Path colours of connectivity(): neither is a method colour, since the method colours mark the two end checkpoints.
 PATH_COLORS = {"linear": "#D55E00", "curve": "#CC79A7"}
 

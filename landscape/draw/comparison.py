@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from landscape.compare import Comparison
 from landscape.connect.run import FIGURE_STEM, ConnectResult, write_result
-from landscape.draw import analysis, figures as plots
+from landscape.draw import analysis
+from landscape.draw import figures as plots
 from landscape.draw.report import comparison_html
 from landscape.draw.tables import write_tables
 from landscape.surface import Surface, same_directions

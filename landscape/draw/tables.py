@@ -7,8 +7,17 @@ import json
 import math
 from pathlib import Path
 
-from landscape.stats import (BARRIERS, DISTRIBUTIONS, ROW_KEYS, GroupSummary, Statistics, flatten_row, is_number,
-                             metric_names, statistics)
+from landscape.stats import (
+    BARRIERS,
+    DISTRIBUTIONS,
+    ROW_KEYS,
+    GroupSummary,
+    Statistics,
+    flatten_row,
+    is_number,
+    metric_names,
+    statistics,
+)
 from ptp_core.io import to_json, write_json, write_text
 
 

@@ -8,7 +8,7 @@ Normalization (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", 
   filter  each row (a prompt token, a head output row, a text token) is scaled to the norm of
           the same row of the reference (the trained tensor, or the token's embedding); a deep prompt's
           row is one virtual token's keys in one layer, or its values in one layer: the 2L blocks that
-          training's perturbation unit scales on their own (ptp_core.perturb.prompt_unit). A 1-D tensor
+          training's perturbation unit scales on their own (ptp_core.training.perturb.prompt_unit). A 1-D tensor
           (a head's bias) gets a zero direction, as Li et al.'s code does for biases (ignore='biasbn');
   layer   each tensor (in input space: each example) is scaled to the reference's norm;
   none    unit norm over the whole direction (in input space: per example).
@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from landscape.hessian import Params, flatten_params, hvp, top_eigenvalues
-from ptp_core.encoding import Batch
-from ptp_core.model import PromptModel
+from ptp_core.model.encoding import Batch
+from ptp_core.model.prompt_model import PromptModel
 
 DIRECTION_KINDS = ("gradient", "random", "interp", "pca", "hessian")
 NORMALIZATIONS = ("filter", "layer", "none")

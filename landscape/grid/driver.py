@@ -24,12 +24,12 @@ from landscape.grid.directions import Directions, input_directions, prompt_direc
 from landscape.grid.evaluate import MemoryCap, auto_chunk, evaluate_chunk, evaluate_points, subset_hash
 from landscape.grid.spec import SurfaceSpec
 from landscape.surface import SPEC_IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
-from ptp_core.backbones import DTYPES, resolve_dtype
 from ptp_core.checkpoint import Checkpoint, check_comparable, params_hash
-from ptp_core.data import Split
-from ptp_core.encoding import batch_split
 from ptp_core.io import to_json
-from ptp_core.model import PromptModel
+from ptp_core.model.backbones import DTYPES, resolve_dtype
+from ptp_core.model.encoding import batch_split
+from ptp_core.model.prompt_model import PromptModel
+from ptp_core.tasks.task import Split
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from landscape.grid.directions import Directions
-from ptp_core.data import Split
-from ptp_core.encoding import Batch
-from ptp_core.model import PromptModel
+from ptp_core.model.encoding import Batch
+from ptp_core.model.prompt_model import PromptModel
+from ptp_core.tasks.task import Split
 
 CPU_TOKENS_PER_FORWARD = 1 << 15  # CPU FLOP/s stops growing well below this (bench/grid.py); bounds a chunk's time
 CPU_MEMORY_FRACTION = 0.25  # of available RAM for activations: other processes share the machine

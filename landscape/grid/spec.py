@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from landscape.grid.directions import DIRECTION_KINDS, NORMALIZATIONS
-from ptp_core.backbones import DTYPE_CHOICES
-from ptp_core.data import SPLITS
+from ptp_core.model.backbones import DTYPE_CHOICES
+from ptp_core.tasks.task import SPLITS
 
 SPACES = ("prompt", "input")
 PARAM_SCOPES = ("prompt", "all")  # prompt: the soft prompt only, a trained head held at its value; all: the head too

@@ -18,8 +18,8 @@ from landscape.measures.spectrum import hessian_min_eigenvalue, hessian_spectrum
 from landscape.measures.surface_metrics import SurfaceMetrics, surface_metrics
 from landscape.measures.topology import loss_topology
 from landscape.surface import Surface
-from ptp_core.data import Split
-from ptp_core.model import PromptModel
+from ptp_core.model.prompt_model import PromptModel
+from ptp_core.tasks.task import Split
 
 METRIC_KINDS = ("surface", "hessian", "trace", "sharpness", "input", "calibration", "spectrum")
 DEFAULT_METRICS = METRIC_KINDS[:-1]  # spectrum (SLQ, ~150 HVPs) is asked for by name: --metrics ...,spectrum
@@ -36,7 +36,7 @@ class MetricsConfig:
     max_hvps: int = 200
     trace_hvps: int = 30  # Hutch++ (Meyer et al. 2021): a third sketches the top subspace
     # measurement radii say their unit in their name (training's --rho/--sigma/--epsilon are relative to the
-    # embedding table's RMS instead: ptp_core.perturb)
+    # embedding table's RMS instead: ptp_core.training.perturb)
     # worst-case ball radius as a fraction of ||theta||, the trained tensors' norm; the adaptive ball
     # ||delta / |theta| || <= rho_of_norm * sqrt(N) has the same rho_of_norm * theta on its boundary
     rho_of_norm: float = 0.05

@@ -17,7 +17,6 @@ from torch import Tensor
 from landscape.hessian import LossFn, Params, as_generator, flatten_params, unflatten_params
 
 
-
 @dataclass
 class WorstCaseResult:
     sharpness: float                   # max over visited deltas of L(x + delta) - L(x), >= 0 (delta = 0 counts)

@@ -21,7 +21,7 @@ an SLQ (`spectral_density`, raw nodes and weights included) and a public reortho
 dependencies; what it would save is the ~25-line loop below, against pinning an alpha API, an
 absolute breakdown threshold (1e-12, whatever the Hessian's scale), a ValueError when the steps
 exceed N, and integer-only seeds. We keep the loop (textbook, Golub & Van Loan sec. 10.1, checked
-against dense Hessians in tests/test_spectrum.py) and scipy for everything else.
+against dense Hessians in tests/landscape/test_spectrum.py) and scipy for everything else.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-
 # The quadratic fit needs residual degrees of freedom beyond its coefficients: with none, R^2 is 1 and the
 # curvature fits noise exactly; three leave an R^2 that can tell a bowl from noise.
 MIN_FIT_RESIDUAL_DOF = 3

@@ -18,6 +18,7 @@ import itertools
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -190,6 +191,7 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     specs = {space: replace(spec, space=space, directions="gradient" if space == "input" else spec.directions)
              for space in spaces}  # input space has per-example gradient directions only
     loaded = [load_checkpoint(p).with_task(task) for p in checkpoints]
+    warn_identical(loaded)
     tasks = _tasks(loaded)  # every task loads before anything is written
     pairs = _seed_pairs(loaded) if connect is not None else []
     groups = [loaded] if spec.directions == "interp" else [[c] for c in loaded]
@@ -220,6 +222,18 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
                       _metadata(rows, list(surfaces.values())), connections)
 
 
+def warn_identical(checkpoints: list[Checkpoint]) -> None:
+    """A warning naming every set of checkpoints that hold identical parameters (e.g. a ptp run whose regularizer
+    never switched on equals the pt run of its seed): their rows measure one point twice."""
+    by_hash: dict[str, list[str]] = {}
+    for checkpoint in checkpoints:
+        by_hash.setdefault(checkpoint.content_hash(), []).append(str(checkpoint.path))
+    for paths in by_hash.values():
+        if len(paths) > 1:
+            warnings.warn(f"{' and '.join(paths)} hold identical parameters (content hash); their landscapes and "
+                          "metrics are the same point measured twice - check that the runs trained what you meant")
+
+
 def from_surfaces(paths: list[str | Path]) -> Comparison:
     """Saved surface files, with the metrics a surface alone gives (no model: no Hessian or sharpness).
 
@@ -241,7 +255,8 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
             used.setdefault(checkpoint, {})[space] = s
             row = rows.setdefault(checkpoint, metrics_row(checkpoint, s.spec.get("method") or "checkpoint",
                                                           s.spec.get("checkpoint_seed"), None,
-                                                          settings={"basin_tau": MetricsConfig.basin_tau}))
+                                                          settings={"basin_tau": MetricsConfig.basin_tau,
+                                                                    "surface_examples": s.spec.get("examples")}))
             values = surface_metrics(s.alphas, s.betas, s.loss, s.accuracy)
             row.update(surface_topology(s, MetricsConfig.basin_tau, "" if space == "prompt" else "input_"))
             if space == "prompt":
@@ -353,9 +368,11 @@ def _measure(model, params, split, surfaces: dict[str, Surface], config: Metrics
     meta, scores = checkpoint.meta, checkpoint.meta.get("metrics") or {}
     task_scores = {f"test_{key}": scores[f"test_{key}"] for key in METRIC_KEYS.get(meta.get("metric", "accuracy"), ())
                    if f"test_{key}" in scores}  # the benchmark's metric beside test accuracy: test_f1, test_mcc, ...
-    return measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
-                   checkpoint.method_label, meta.get("seed"), scores.get("test_accuracy"),
-                   surfaces.get("input"), task_scores)
+    row = measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
+                  checkpoint.method_label, meta.get("seed"), scores.get("test_accuracy"),
+                  surfaces.get("input"), task_scores)
+    row["settings"]["test_examples"] = scores.get("test_n")  # the n of test_accuracy (ptp.json), not a metric
+    return row
 
 
 def _metadata(rows: list[dict], surfaces: list[Surface] = ()) -> dict:

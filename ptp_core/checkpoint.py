@@ -59,8 +59,20 @@ def adapter_config(meta: dict, params: dict[str, Tensor], backbone_config=None) 
                 "prefix_projection": False}  # the projection, if trained with one, is folded into the prefix
     return {"peft_type": "PROMPT_TUNING", **common, "token_dim": prompt.shape[1],
             "num_attention_heads": getattr(backbone_config, "num_attention_heads", None),
-            "num_layers": getattr(backbone_config, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+            "num_layers": getattr(backbone_config, "num_hidden_layers", None), **_peft_init(meta),
+            "tokenizer_kwargs": None}
+
+
+def _peft_init(meta: dict) -> dict:
+    """ptp.json's prompt_init as PEFT's PromptTuningInit (RANDOM, SAMPLE_VOCAB, TEXT): text and label_words inits
+    are PEFT's TEXT, which needs the text and a tokenizer to be a valid config (PEFT reads neither to load)."""
+    init = meta.get("prompt_init", "random")
+    text = {"text": meta.get("prompt_init_text"), "label_words": " ".join(meta.get("label_words") or [])}.get(init)
+    if text:
+        return {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": text,
+                "tokenizer_name_or_path": meta.get("model_path", meta.get("model"))}
+    return {"prompt_tuning_init": "SAMPLE_VOCAB" if init == "vocab" else "RANDOM", "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None}
 
 
 def save_checkpoint(out: str | Path, params: dict[str, Tensor], meta: dict, trajectory: dict[str, Tensor] | None = None,
@@ -176,7 +188,10 @@ def check_comparable(first: Checkpoint, second: Checkpoint, verb: str,
 
     verb: what the caller does with the pair ("connect", "interpolate"), named in the message.
     """
+    classifiers = first.meta.get("head") == "classifier" == second.meta.get("head")
     for key in keys:
+        if key == "label_words" and classifiers:  # a classifier's loss reads none (older ptp.json files list them)
+            continue
         if first.meta.get(key) != second.meta.get(key):
             raise ValueError(f"cannot {verb} {first.path} and {second.path}: different models or prompt shapes (their "
                              f"{key} differs: {first.meta.get(key)!r} vs {second.meta.get(key)!r}); {verb} "

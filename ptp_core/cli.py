@@ -5,7 +5,10 @@ Only this layer reads the environment (PTP_CACHE) and auto-detects the device.
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,10 +25,44 @@ def fail(message: str) -> NoReturn:
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose errors are one line and exit code 2."""
-    result = argparse.ArgumentParser(prog=prog, description=description)
-    result.error = lambda message: fail(f"{message} (see {prog} --help)")
+    """An ArgumentParser whose --help shows every default and whose errors are one line and exit code 2."""
+    result = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsFormatter)
+    result.error = lambda message: fail(f"{message}{_suggestion(result, message)} (see {prog} --help)")
     return result
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """argparse's help with "(default: X)" after every option that has a default to show: not for a default of None
+    (the help says what happens then), nor where the help already names its default."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, "", argparse.SUPPRESS) and action.help is not argparse.SUPPRESS and (
+            action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))
+        if shown and "default" not in (action.help or "").lower():
+            action = copy.copy(action)  # only this rendering changes; parsing keeps the real default
+            value = action.default
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)  # as the flag is written: --seeds 0,1,2
+            action.default = value
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """"; did you mean 'X'?" for the candidate closest to a mistyped word (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _suggestion(p: argparse.ArgumentParser, message: str) -> str:
+    """The nearest choice for argparse's "invalid choice" and the nearest flag for "unrecognized arguments"."""
+    choice = re.search(r"invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message)
+    if choice:
+        return did_you_mean(choice.group(1), [c.strip(" '") for c in choice.group(2).split(",")])
+    unknown = re.search(r"unrecognized arguments: (\S+)", message)
+    if unknown and unknown.group(1).startswith("-"):
+        return did_you_mean(unknown.group(1).split("=")[0], [o for a in p._actions for o in a.option_strings])
+    return ""
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

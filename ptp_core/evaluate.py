@@ -2,6 +2,7 @@
 prints one JSON line."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from ptp_core import cli
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction, help="a bar over the batches")
     args = p.parse_args(argv)
     cli.quiet_transformers()
     checkpoint = load_checkpoint(args.checkpoint)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = resolve_dtype(args.dtype, model.device)
     with autocast(model.device, dtype):
         subset = task.splits[args.split].head(args.examples, whole_groups=True)  # EM: never cut through a question
-        result = evaluate(model, dict(model.params), subset, args.batch_size, task.metric)
+        result = evaluate(model, dict(model.params), subset, args.batch_size, task.metric, progress=args.progress)
     result["dtype"] = dtype
     print(json.dumps(result))
     return result

@@ -220,6 +220,15 @@ class PTPTrainer(Trainer):
             raise ValueError("fp16 needs a CUDA device for its loss scaler (without one accelerate trains in float32 "
                              "and says nothing); on a CPU pass bf16=True")
 
+    def train(self, *args, **kwargs):
+        """Trainer.train, refusing a PTP run whose regularizer would never switch on within max_steps."""
+        steps = self.args.max_steps
+        if self.method != "pt" and 0 < steps <= self.perturb.reg_warmup:
+            raise ValueError(f"reg_warmup {self.perturb.reg_warmup} >= max_steps {steps}: the regularizer never "
+                             f"switches on and {self.method} would train plain pt; lower PerturbConfig(reg_warmup=...) "
+                             "or raise max_steps")
+        return super().train(*args, **kwargs)
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if EXAMPLE_ID not in self._signature_columns:

@@ -110,7 +110,12 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool, marker: str | N
         raise ValueError(f"--out {out} is a file; give a directory")
     if overwrite or not out.is_dir():
         return
-    if marker is None and any(out.iterdir()):
+    held = sorted(p.name for p in out.iterdir()) if marker is None else []
+    if held and "ptp.json" in held:
         raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
+    if held:  # not a run: --overwrite would delete files that are not ours
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ValueError(f"{out} holds {shown}, not a run (no ptp.json); a run folder must be new, empty or a "
+                         "previous run's: choose another --out, or pass --overwrite to replace what it holds")
     if marker is not None and (out / marker).exists():
         raise ValueError(f"{out} already holds {marker}; pass --overwrite or choose another --out")

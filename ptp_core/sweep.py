@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from io import StringIO
@@ -30,7 +31,7 @@ from ptp_core.checkpoint import META
 from ptp_core.io import write_text
 from ptp_core.tasks.metrics import METRIC_KEYS
 from ptp_core.train import TrainConfig, add_arguments, config_from_args, train
-from ptp_core.training.config import METHODS
+from ptp_core.training.config import METHODS, schedule_note
 from ptp_core.training.evaluation import COLLAPSE_TOLERANCE
 
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
@@ -153,9 +154,9 @@ def summary_markdown(rows: list[dict], collapsed: list[str] = ()) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:-1])
                      + f" | {r['collapsed']} |" + "".join(f" {pct(r.get(k))} |" for k in extra))
-    if collapsed:
-        lines += ["", f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
-                      f"the label prior's entropy): {', '.join(collapsed)}."]
+    lines += ["", f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
+                  f"the label prior's entropy): {sum(r['collapsed'] for r in rows)} of {sum(r['runs'] for r in rows)} "
+                  "runs" + (f": {', '.join(collapsed)}." if collapsed else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -187,19 +188,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods or not args.seeds:
         raise ValueError(f"--methods {','.join(args.methods)} / --seeds: give methods from {', '.join(METHODS)} "
-                         "and at least one seed")
+                         "and at least one seed" + (cli.did_you_mean(unknown[0], METHODS) if unknown else ""))
     cli.quiet_transformers()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.device = cli.auto_device(args.device)
     if str(args.device).startswith("cuda") and world > 1:  # cuda or cuda:N: one GPU per local rank
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     base = config_from_args(args, out=args.out)  # validates every flag before any run starts
+    for note in dict.fromkeys(schedule_note(replace(base, method=m)) for m in args.methods):  # each ptp-* alike
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     if world > 1:  # a barrier only: each rank trains on its own; runs can take hours, hence the long timeout
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     started = time.time()
     done = run_sweep(base, args.methods, args.seeds, args.out, rank, world)
     for item in done:
-        print(f"rank {rank}: {item['method']} seed {item['seed']}: {item['status']} ({item['path']})", flush=True)
+        learned_nothing = (read_meta(Path(item["path"])) or {}).get("metrics", {}).get("collapsed")
+        print(f"rank {rank}: {item['method']} seed {item['seed']}: {item['status']} ({item['path']})"
+              + (", collapsed to the constant predictor" if learned_nothing else ""), flush=True)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -208,6 +214,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         csv_path, md_path = write_summary(args.out, rows, collapsed)
         print(summary_markdown(rows, collapsed), end="")
         print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")
+        if collapsed:
+            runs = sum(row["runs"] for row in rows)
+            print(f"warning: {len(collapsed)} of {runs} runs learned nothing (collapsed to the constant predictor: "
+                  f"{', '.join(collapsed)}); see the collapsed column of {csv_path}; try other seeds, a lower --lr, "
+                  "more --steps or, for ptp-*, a longer --reg-warmup", file=sys.stderr)
     cli.end_distributed()
     return done
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -25,8 +26,9 @@ from ptp_core.model.projection import Identity, PrefixProjection, Reparameteriza
 from ptp_core.model.prompt_model import PROMPT_INITS, PromptModel
 from ptp_core.tasks.load import load_task
 from ptp_core.tasks.task import Task, check_causal_template
-from ptp_core.training.config import METHODS, PROMPT_LR, SELECTION_NOTES, SELECTIONS, TRAIN_DTYPES, TrainConfig
-from ptp_core.training.evaluation import collapsed, evaluate, label_prior_entropy
+from ptp_core.training.config import (METHODS, PROMPT_LR, SELECTION_NOTES, SELECTIONS, TRAIN_DTYPES, TrainConfig,
+                                      schedule_note)
+from ptp_core.training.evaluation import collapse_warning, collapsed, evaluate, label_prior_entropy
 from ptp_core.training.loop import FitResult, fit_prompt
 from ptp_core.training.perturb import BALL_NORMS, NOISES, REPLACEMENTS, TARGETS, PerturbConfig
 from ptp_core.training.reporting import REPORT_TO, TrainingReport
@@ -55,10 +57,18 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
              device: str, compute_dtype: str, seconds: float) -> dict:
     """ptp.json: every setting, what the run was trained on, its metrics and log, library versions."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "overwrite", "cache_dir")}
+    if config.method == "pt":  # what applied only: pt draws no perturbation (older files hold a block anyway)
+        del settings["perturb"]
+    if config.reg_schedule_requested is None:
+        del settings["reg_schedule_requested"]
+    del settings["label_words"]  # as asked (None: the task's); the ones used follow
+    # a classifier's loss reads no label words; only a prompt initialised from them used them
+    words = {"label_words": task.label_words} if config.head != "classifier" or config.prompt_init == "label_words" \
+        else {}
     return {
         **settings, "head": config.head, "kind": model.kind, "model_path": model.model_path,
         "compute_dtype": compute_dtype, "device": device,
-        "task": config.task, "label_names": task.label_names, "label_words": task.label_words,
+        "task": config.task, "label_names": task.label_names, **words,
         "template": model.template, "num_labels": task.num_labels, "choices": task.choices,
         "split_sizes": task.sizes(), "split_info": task.split_info, "metric": task.metric, "fields": list(task.fields),
         "status": result.status,
@@ -193,9 +203,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     cli.quiet_transformers()
     config = config_from_args(args)
+    if note := schedule_note(config):
+        print(f"note: {note}", file=sys.stderr)
     out = train(config)
     metrics = json.loads((out / META).read_text())["metrics"]
     print(json.dumps({"checkpoint": str(out), **metrics}))
+    if metrics.get("collapsed"):
+        print(f"warning: {collapse_warning(str(out))}", file=sys.stderr)
     return out
 
 

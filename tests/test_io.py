@@ -96,7 +96,7 @@ def test_check_output_folder(tmp_path):
         with pytest.raises(ValueError, match="is a file; give a directory"):
             check_output_folder(tmp_path / "file", overwrite)
     write_text(tmp_path / "run" / "other.txt", "x")
-    with pytest.raises(ValueError, match="already holds a run; pass --overwrite"):
+    with pytest.raises(ValueError, match="holds other.txt, not a run"):
         check_output_folder(tmp_path / "run", overwrite=False)
     check_output_folder(tmp_path / "run", overwrite=True)
     check_output_folder(tmp_path / "run", overwrite=False, marker="connect.json")  # other content is no result

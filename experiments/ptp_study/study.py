@@ -121,7 +121,7 @@ def report() -> None:
             std = f"{100 * statistics.stdev(test):.2f}" if len(test) > 1 else "n/a"
             valid = _cell([m["metrics"]["best_validation_accuracy"] for m in metas])
             seconds = statistics.fmean(m["metrics"]["seconds"] for m in metas)
-            settings = {k: v for k, v in metas[0]["perturb"].items() if v != getattr(PerturbConfig(), k)}
+            settings = {k: v for k, v in metas[0].get("perturb", {}).items() if v != getattr(PerturbConfig(), k)}
             print(f"| {method} | {len(test)} | {100 * statistics.fmean(test):.2f} | {std} | {100 * min(test):.2f} | "
                   f"{100 * max(test):.2f} | {valid} | {sum(bool(m['metrics'].get('collapsed')) for m in metas)} | "
                   f"{seconds:.0f} | {'' if method == 'pt' else json.dumps(settings) if settings else 'the defaults'} |")

@@ -20,7 +20,7 @@ SPEC_FLAGS = {
     "space": ("space", "prompt: perturb the trained tensors; input: each example's text-token embeddings", SPACES),
     "directions": ("directions", "x and y directions of the plane (input space: gradient only)", DIRECTION_KINDS),
     "norm": ("norm", "direction normalization (filter: Li et al. 2018, per prompt token)", NORMALIZATIONS),
-    "grid": ("grid", "points per axis: 21 (21x21), 21x31, or 21x1 (a line)", None),
+    "grid": ("grid", "odd points per axis (the centre is one): 21 (21x21), 21x31, or 21x1 (a line)", None),
     "span": ("span", "axes run over [-span, span] in units of the normalized directions", None),
     "examples": ("examples", "the first N examples of --split, the same for every checkpoint", None),
     "split": ("split", "which split the examples come from", SPLITS),
@@ -46,7 +46,7 @@ def add_surface_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         else:
             default = shown = getattr(defaults, name)
         parser.add_argument(f"--{flag}", dest=name, default=default, type=TYPES.get(name, str), choices=choices,
-                            help=f"{help_text} (default: {shown})")
+                            help=help_text if "(default:" in help_text else f"{help_text} (default: {shown})")
 
 
 def spec_from_args(args: argparse.Namespace, device: str = "cpu", **overrides) -> SurfaceSpec:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from landscape.cli.arguments import add_surface_arguments, spec_from_args
 from landscape.grid.driver import Shard, compute_surface
-from landscape.surface import Surface
+from landscape.surface import Surface, surface_paths
 from ptp_core import cli
 from ptp_core.checkpoint import load_checkpoint
 
@@ -55,9 +55,18 @@ def main(argv: list[str] | None = None) -> Surface:
     device = cli.auto_device(args.device)
     spec = spec_from_args(args, device)
     device, shard = distributed_shard(device)
+    evaluated = []  # points evaluated by this run: none means the file was already complete
     try:
         checkpoints = [load_checkpoint(c) for c in args.checkpoints]
-        return compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
-                               overwrite=args.overwrite, progress=args.progress, shard=shard)
+        surface = compute_surface(checkpoints, spec, args.out, device=device, cache_dir=cli.cache_dir(),
+                                  overwrite=args.overwrite, progress=args.progress, shard=shard,
+                                  on_chunk=lambda points, seconds: evaluated.append(points))
     finally:
         cli.end_distributed()
+    if shard.rank == 0:
+        path = surface_paths(args.out)[0]
+        nx, ny = surface.shape
+        print(f"{path} already complete ({nx}x{ny} grid, {surface.loss.size} points)" if not evaluated else
+              f"wrote {path} ({nx}x{ny} grid, {surface.loss.size} points on {surface.spec.get('examples')} "
+              f"{surface.spec.get('split')} examples)", flush=True)
+    return surface

@@ -9,6 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from landscape.cli.arguments import add_surface_arguments, spec_from_args
 from landscape.compare import Comparison, compare, find_checkpoints, from_surfaces, plan
 from landscape.connect.run import ConnectConfig
@@ -64,7 +66,7 @@ def compare_from_args(args: argparse.Namespace, out: Path) -> Comparison:
                                 seed=args.seed, dtype=spec.dtype if spec.dtype in TRAIN_DTYPES else "float32",
                                 device=device)
     return compare(checkpoints, spec, metrics, out, spaces, device=device, cache_dir=cli.cache_dir(),
-                   overwrite=args.overwrite, progress=args.progress, report=lambda line: print(line, flush=True),
+                   overwrite=args.overwrite, progress=args.progress, report=tqdm.write,  # above a running bar
                    connect=connect, task=args.task)
 
 

@@ -79,12 +79,17 @@ def spectrum(quadratures: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     return fig
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per label of a persistence diagram
+
+
 def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]], tau: float | None = None, *,
                         style: str = "paper") -> Figure:
     """0-dimensional persistence (birth, death) of each surface's minima (landscape.topology), one colour a label.
 
     A point's height above the diagonal is its basin's depth; the global minimum's infinite death is drawn on a
-    line above the finite ones. Points above the dashed line (death - birth >= tau) are the counted basins.
+    line above the finite ones. Points above the dashed line (death - birth >= tau) are the counted basins; the
+    line (and its legend entry) is left out when no point could reach it within the axes. Each label has its own
+    marker and a small sideways nudge, so coinciding minima of two labels stay visible.
     """
     if not diagrams:
         raise ValueError("persistence_diagram needs at least one diagram; compute a complete 2D surface first")
@@ -99,14 +104,20 @@ def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]]
         fig = Figure(figsize=(s["column"], s["column"]), layout="constrained")
         ax = fig.subplots()
         ax.plot([low - pad, top], [low - pad, top], color="0.6", linewidth=0.7)
-        if tau:
+        if tau and low - pad + tau < top:  # the legend names the line only where it crosses the axes
             ax.plot([low - pad, top - tau], [low - pad + tau, top], color="0.6", linewidth=0.7, linestyle="--",
                     label=f"persistence = {tau:g}")
+        elif tau:
+            ax.set_title(f"every finite persistence < {tau:g} (basin threshold, above the axes)", fontsize=s["font"])
         ax.axhline(top, color="0.85", linewidth=0.7)
         for index, (label, points) in enumerate(pairs.items()):
+            # distinct markers, see-through faces and a small per-label nudge: coinciding minima of two labels
+            # (one global minimum each, often at the same loss) stay visible side by side
             death = np.where(np.isfinite(points[:, 1]), points[:, 1], top)
-            ax.scatter(points[:, 0], death, s=s["marker"] ** 2, color=method_color(label, index), label=label,
-                       zorder=3)
+            nudge = (index - (len(pairs) - 1) / 2) * 0.4 * pad
+            ax.scatter(points[:, 0] + nudge, death, s=s["marker"] ** 2 * 1.5, color=method_color(label, index),
+                       marker=MARKERS[index % len(MARKERS)], alpha=0.7, edgecolors="black", linewidths=0.3,
+                       label=label, zorder=3 + index)
         ax.set_xlim(low - pad, top)
         ax.set_ylim(low - pad, top + pad)
         ax.set_xlabel("birth (loss at the minimum)")

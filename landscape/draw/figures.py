@@ -68,6 +68,25 @@ def axis_caption(surface: Surface) -> str:
     return f"α: {first}   β: {second}"
 
 
+def grid_caption(surfaces: Sequence[Surface]) -> str:
+    """"21x21 grid, 256 test examples": what the drawn surfaces were computed on (each distinct setting once)."""
+    captions = []
+    for surface in surfaces:
+        nx, ny = surface.shape
+        examples, split = surface.spec.get("examples"), surface.spec.get("split")
+        text = f"{nx}x{ny} grid" + (f", {examples} {split or ''} examples".replace("  ", " ")
+                                    if examples is not None else "")
+        if not surface.is_complete:
+            text += f" ({surface.points_done}/{surface.loss.size} points computed)"
+        captions.append(text)
+    return "; ".join(dict.fromkeys(captions))
+
+
+def _caption(fig: Figure, surfaces: Sequence[Surface], size: float) -> None:
+    """The grid caption as the figure's subtitle: a figure never leaves out what it was computed on."""
+    fig.suptitle(grid_caption(surfaces), fontsize=size, color="0.3")
+
+
 def _style(style: str) -> dict:
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; use one of {sorted(STYLES)}")
@@ -140,6 +159,7 @@ def landscape_3d(surfaces: Mapping[str, Surface], sharpness: Mapping[str, float]
                      label="loss", pad=0.04)
         first = next(iter(surfaces.values()))
         fig.supxlabel(axis_caption(first))
+        _caption(fig, list(surfaces.values()), s["font"])
     return fig
 
 
@@ -188,6 +208,7 @@ def contour(surfaces: Mapping[str, Surface],
         ticks = bounds[np.unique(np.linspace(0, len(bounds) - 1, 5).round().astype(int))]  # ends included
         colorbar = fig.colorbar(filled, ax=list(axes), label="loss (log-spaced levels)", pad=0.02)
         colorbar.ax.set_yticks(ticks, [f"{v:.3g}" for v in ticks])
+        _caption(fig, list(surfaces.values()), s["font"])
     return fig
 
 
@@ -228,6 +249,7 @@ def profiles(surfaces: Mapping[str, Surface | Sequence[Surface]], *, style: str 
             ax.set_xlabel(label)
         axes[0].set_ylabel(quantity)
         axes[0].legend(frameon=False)
+        _caption(fig, all_seeds, s["font"])
     return fig
 
 
@@ -275,6 +297,7 @@ def difference(surface_a: Surface, surface_b: Surface, *, label_a: str | None = 
         ax.set_ylabel(y_label)
         ax.set_title(f"L({label_b}) − L({label_a})")
         fig.colorbar(filled, ax=ax, label="loss difference", ticks=np.linspace(-bound, bound, 5))
+        _caption(fig, [surface_a, surface_b], s["font"])
     return fig
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,9 +103,10 @@ def _resume(path: str | Path | None, spec: dict, overwrite: bool) -> Surface | N
     if surface.spec.get("spec_hash") == _spec_hash(spec):
         return surface
     if not overwrite:
-        changed = [k for k in dict.fromkeys(SPEC_IDENTITY_KEYS + tuple(spec)) if surface.spec.get(k) != spec.get(k)]
-        raise ValueError(f"{surface_paths(path)[0]} holds another surface (differs in {', '.join(changed) or 'spec'}); "
-                         "pass --overwrite to replace it or choose another --surface path")
+        changed = [k for k in dict.fromkeys(SPEC_IDENTITY_KEYS + tuple(spec))  # format: the file's, not a setting
+                   if k != "format" and surface.spec.get(k) != spec.get(k)]
+        raise ValueError(f"{surface_paths(path)[0]} holds a surface computed with another "
+                         f"{', '.join(changed) or 'spec'}; give another --out for this one, or --overwrite to replace it")
     return None
 
 
@@ -176,8 +178,10 @@ def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: 
     grid_a = torch.as_tensor(np.repeat(alphas, betas.size), dtype=torch.float32)  # (nx*ny,) row-major
     grid_b = torch.as_tensor(np.tile(betas, alphas.size), dtype=torch.float32)
     writer, cap = path is not None and shard.rank == 0, MemoryCap(chunk)
-    bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{label} surface",
-               disable=not progress or shard.rank != 0)
+    # a log (stderr not a terminal) gets one line per finished surface: a redrawn bar there reads as every state
+    # it passed through, glued together on one line
+    shown, redrawn = progress and shard.rank == 0, progress and shard.rank == 0 and sys.stderr.isatty()
+    bar = tqdm(total=int(sum(len(c) for c in chunks)), unit="pt", desc=f"{label} surface", disable=not redrawn)
     started, last_save, seconds = time.time(), time.time(), float(surface.spec.get("seconds") or 0.0)
     try:
         for start in range(0, len(chunks), shard.world):
@@ -199,6 +203,9 @@ def _fill(surface: Surface, evaluate, chunk: int, shard: Shard, path, progress: 
     finally:
         bar.close()
         surface.spec["seconds"] = round(seconds + time.time() - started, 3)
+        if shown and not redrawn:
+            tqdm.write(f"{label} surface: {surface.points_done}/{total} points, {time.time() - started:.1f} s",
+                       file=sys.stderr)
         if writer:
             save_surface(surface, path)  # also on interruption: finished chunks are kept
 

@@ -30,8 +30,8 @@ def device_defaults(device: str) -> tuple[dict, str]:
 
 @dataclass
 class SurfaceSpec:
-    """What surface to compute. grid: "21" (21 x 21), "21x31" (nx x ny) or "21x1" (a line along d1); an even
-    count gets 0 added. examples=None takes the device's default (device_defaults) when the surface is computed,
+    """What surface to compute. grid: "21" (21 x 21), "21x31" (nx x ny) or "21x1" (a line along d1); every count
+    is odd (or 1) so that the axes hold the centre, which the centre-based metrics measure from. examples=None takes the device's default (device_defaults) when the surface is computed,
     so a notebook's SurfaceSpec() and the command line's compute the same surface."""
 
     space: str = "prompt"  # prompt: perturb the trained tensors; input: perturb text-token embeddings
@@ -54,6 +54,9 @@ class SurfaceSpec:
             raise ValueError(f"grid {self.grid!r} is not a positive size; write e.g. --grid 21 (21x21), --grid 21x31 "
                              "or --grid 21x1 (a line)")
         self.shape = (int(match[1]), int(match[2] or match[1]))
+        if even := [n for n in self.shape if n % 2 == 0]:
+            raise ValueError(f"grid {self.grid!r} has an even count {even[0]}, so no point at the centre the metrics "
+                             f"measure from; use an odd count, e.g. --grid {even[0] + 1}")
         if not self.span > 0:
             raise ValueError(f"span must be > 0, got {self.span}; e.g. --span 1.0")
         if self.examples is not None and self.examples <= 0:
@@ -78,10 +81,10 @@ class SurfaceSpec:
 
 
 def grid_axis(count: int, span: float) -> np.ndarray:
-    """count points over [-span, span] holding exactly 0.0 (inserted for even counts: count + 1 points)."""
+    """count evenly spaced points over [-span, span], the middle one exactly 0.0; count is odd (1: the centre only)."""
+    if count % 2 == 0:
+        raise ValueError(f"a grid axis of {count} points has no centre point; use an odd count, e.g. {count + 1}")
     if count == 1:
         return np.zeros(1)
-    if count % 2:
-        half = (count - 1) // 2
-        return span * (np.arange(count) - half) / half  # the middle point is 0 * span / half == 0.0
-    return np.sort(np.append(np.linspace(-span, span, count), 0.0))
+    half = (count - 1) // 2
+    return span * (np.arange(count) - half) / half  # the middle point is 0 * span / half == 0.0

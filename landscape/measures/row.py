@@ -79,7 +79,7 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
     config.examples (calibration: config.calibration_examples) examples of `split`; test_metrics (the task's
     metric from ptp.json, e.g. {"test_f1": 0.8}) go beside test_accuracy."""
     # float32 always: sharpness is a difference L(theta + delta) - L(theta) of order 1e-3, below bf16's resolution
-    results, settings = {}, {**asdict(config), "dtype": "float32"}
+    results, settings = {}, metric_settings(config, surface)
     if "surface" in config.which and surface is not None:
         results["surface"] = surface_metrics(surface.alphas, surface.betas, surface.loss, surface.accuracy,
                                              config.radius, config.tau)
@@ -97,6 +97,17 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
         results.update(_model_metrics(model, params, split, config))
     return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, test_metrics=test_metrics,
                        prompt_type=model.prompt_type, **results, **extra)
+
+
+def metric_settings(config: MetricsConfig, surface: Surface | None = None) -> dict:
+    """row["settings"]: one key per setting, named for what it is (metric_examples: the model-based metrics';
+    surface_examples: the surface's; surface_radius/surface_tau: the disc metrics')."""
+    settings = {**asdict(config), "dtype": "float32"}
+    renamed = {"examples": "metric_examples", "radius": "surface_radius", "tau": "surface_tau"}
+    settings = {renamed.get(k, k): v for k, v in settings.items()}
+    if surface is not None and surface.spec.get("examples") is not None:
+        settings["surface_examples"] = surface.spec["examples"]
+    return settings
 
 
 def input_surface_values(metrics: SurfaceMetrics) -> dict:

@@ -7,6 +7,7 @@ head; it never re-implements one.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -143,10 +144,13 @@ def _offline() -> bool:
 
 def _load_error(name: str, error: Exception) -> ValueError:
     """One line for a model that cannot be loaded; a hub id that is not cached while offline says how to mend it."""
+    close = difflib.get_close_matches(name, EMBEDDED, n=1) if not Path(name).exists() else []
+    hint = f"; did you mean {close[0]!r} (an embedded model)?" if close else ""
     if not Path(name).exists() and name not in EMBEDDED and _offline():
         return ValueError(f"model {name!r} is neither a local folder nor in the Hugging Face cache, so it cannot be "
-                          f"fetched offline (HF_HUB_OFFLINE=1): give a local model folder, or run once online to cache it")
-    return ValueError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0]}")
+                          f"fetched offline (HF_HUB_OFFLINE=1): give a local model folder, or run once online to cache "
+                          f"it{hint}")
+    return ValueError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0]}{hint}")
 
 
 def model_kind(config) -> str:

@@ -3,10 +3,12 @@ official folder (ptp_core.tasks.benchmarks), HF datasets; rows with hidden label
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
 from pathlib import Path
 
 from ptp_core.tasks.benchmarks import (
+    BENCHMARKS,
     FOLDERS,
     Benchmark,
     OfficialSplit,
@@ -157,10 +159,34 @@ def from_rows(name: str, rows: list[dict], label_names: list[str] | None = None,
         splits, info = _fill_splits(name, splits, hidden)
     else:
         splits, info = _deterministic_split(texts, labels), _shuffled_split_info()
+    _check_cut(name, source, splits, by_split)
     if hidden:
         info["hidden_labels"] = hidden
     return Task(name, names, list(label_words or names), splits, template or default_template(text_fields), source,
                 text_fields, split_info=info)
+
+
+def _did_you_mean(name: str) -> str:
+    """"; did you mean 'X'?" for the embedded task or benchmark name nearest a mistyped one, else ""."""
+    close = difflib.get_close_matches(name.lower(), ["rotten_tomatoes", *BENCHMARKS], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _smallest_cut() -> int:
+    """The fewest rows whose 80/10/10 cut leaves every split at least one example."""
+    return next(n for n in range(1, 1000) if all(len(s) for s in _deterministic_split([0] * n, [0] * n).values()))
+
+
+def _check_cut(name: str, source: str, splits: dict[str, Split], by_split: bool) -> None:
+    """A file too small for its cut names the file, the 80/10/10 rule and the split column (Task says none)."""
+    empty = [s for s in SPLITS if not len(splits[s])]
+    if empty:
+        rows = sum(len(s) for s in splits.values())
+        cut = "its train rows" if by_split else "its rows"
+        raise ValueError(f"task file {source or name} has no {empty[0]} examples: without validation or test rows in "
+                         f"a split column, {cut} ({rows} labelled) are shuffled and cut 80/10/10 into "
+                         f"train/validation/test, which needs at least {_smallest_cut()}; add rows, or a split column "
+                         "with train, validation and test rows")
 
 
 def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tuple[str, ...],
@@ -182,7 +208,10 @@ def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tu
                     f"{', '.join(b.folder for b in FOLDERS.values())} (any case), holding train.jsonl and val.jsonl"))
             return benchmark_task(benchmark, read_folder(benchmark, path), str(path), train_examples=train_examples)
         else:
-            benchmark = benchmark_by_name(name_or_path)
+            try:
+                benchmark = benchmark_by_name(name_or_path)
+            except ValueError as error:
+                raise ValueError(f"{error}{_did_you_mean(name_or_path)}") from None
             return benchmark_task(benchmark, read_hub(benchmark), f"hf:{benchmark.hub_id}/{benchmark.config}",
                                   train_examples=train_examples)
     elif path.suffix in (".csv", ".jsonl"):
@@ -194,8 +223,11 @@ def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tu
     elif folder_benchmark(path) is not None and len(path.parts) > 1:
         raise FileNotFoundError(f"task folder {path} does not exist")
     else:
-        task = from_rows(name_or_path, hf_rows(name_or_path), label_names, source=f"hf:{name_or_path}",
-                         text_fields=text_fields)
+        try:
+            rows = hf_rows(name_or_path)
+        except ValueError as error:  # most often a typo of an embedded or benchmark name
+            raise ValueError(f"{error}{_did_you_mean(name_or_path)}") from None
+        task = from_rows(name_or_path, rows, label_names, source=f"hf:{name_or_path}", text_fields=text_fields)
     return task if train_examples is None else few_shot(task, train_examples)
 
 

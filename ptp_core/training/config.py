@@ -3,8 +3,9 @@ ptp_core.train builds from the command line and notebooks build directly (rebuil
 """
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ptp_core.model.backbones import default_head
 from ptp_core.model.prefix import PROMPT_TYPES
@@ -63,10 +64,15 @@ class TrainConfig:
     progress: bool = True
     report_to: str = "none"  # tensorboard: the log's scalars also go to <out>/tensorboard (reporting.py)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # ptp-rn / ptp-adv only; pt ignores it
+    # [reg_warmup, reg_ramp] as asked, when the regularizer would never have switched on within --steps and the
+    # schedule was scaled to the run (scaled_schedule); None otherwise
+    reg_schedule_requested: list[int] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
         if self.prompt_length <= 0:
             raise ValueError(f"--prompt-len must be > 0, got {self.prompt_length}")
         for name in ("steps", "batch_size", "eval_every", "snapshot_every", "max_length"):
@@ -98,3 +104,26 @@ class TrainConfig:
                              "needs loss scaling that the PTP ascent steps do not do)")
         if isinstance(self.perturb, dict):  # rebuilt from ptp.json
             self.perturb = PerturbConfig(**self.perturb)
+        if self.method != "pt" and self.perturb.reg_warmup >= self.steps:
+            self.reg_schedule_requested = [self.perturb.reg_warmup, self.perturb.reg_ramp]
+            self.perturb = scaled_schedule(self.perturb, self.steps)
+
+
+def scaled_schedule(perturb: PerturbConfig, steps: int) -> PerturbConfig:
+    """The warm-up and ramp of lam shrunk in proportion to fit `steps`, keeping their ratio, with at least the last
+    step regularized: a --reg-warmup as long as the run would leave lam at 0 throughout, i.e. train plain PT."""
+    total = perturb.reg_warmup + perturb.reg_ramp  # > 0: warm-up >= steps >= 1
+    warmup = min(steps - 1, perturb.reg_warmup * steps // total)
+    ramp = min(steps - warmup, math.ceil(perturb.reg_ramp * steps / total))
+    return replace(perturb, reg_warmup=warmup, reg_ramp=ramp)
+
+
+def schedule_note(config: TrainConfig) -> str | None:
+    """One line saying how the regularizer's schedule was scaled to the run, or None when it was not."""
+    if config.reg_schedule_requested is None:
+        return None
+    warmup, ramp = config.reg_schedule_requested
+    return (f"--reg-warmup {warmup} >= --steps {config.steps}: the regularizer would never switch on, so its schedule "
+            f"is scaled to the run: --reg-warmup {config.perturb.reg_warmup} --reg-ramp {config.perturb.reg_ramp} "
+            f"instead of {warmup} and {ramp} (ptp.json: reg_schedule_requested); to choose it, lower --reg-warmup "
+            "or raise --steps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ptp_core.model.encoding import Batch, batch_split
 from ptp_core.model.prompt_model import PromptModel, cross_entropy
@@ -16,13 +17,15 @@ EVAL_BATCH_SIZE = 64  # examples per forward when a split is scored (--batch-siz
 
 @torch.inference_mode()
 def evaluate(model: PromptModel, params: dict[str, Tensor], batches: list[Batch] | Split,
-             batch_size: int = EVAL_BATCH_SIZE, metric: str = "accuracy", groups: list[int] | None = None) -> dict:
+             batch_size: int = EVAL_BATCH_SIZE, metric: str = "accuracy", groups: list[int] | None = None,
+             progress: bool = False) -> dict:
     """Mean cross-entropy, accuracy, n and the task's metric (ptp_core.tasks.metrics: f1, mcc, ...) over the batches,
-    or over a split, tokenized here in stored order (its groups then serve the multirc metric)."""
+    or over a split, tokenized here in stored order (its groups then serve the multirc metric); progress: a bar
+    over the batches."""
     if isinstance(batches, Split):
         batches, groups = batch_split(model, batches, batch_size)[0], batches.groups
     total_loss, predictions, labels = 0.0, [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         logits = model.logits(params, batch)  # (B, C) class logits, or (B, K) scores of the K choices
         total_loss += cross_entropy(logits, batch.labels).sum().item()
         predictions.append(logits.argmax(-1).cpu())
@@ -47,3 +50,10 @@ def collapsed(log: list[dict], prior_entropy: float, tolerance: float = COLLAPSE
     the constant predictor (every input the same prediction), which the adversarial term alone can prefer."""
     losses = [row["validation_loss"] for row in log if "validation_loss" in row]
     return bool(losses) and abs(losses[-1] - prior_entropy) <= tolerance
+
+
+def collapse_warning(run: str) -> str:
+    """One line for a run that ended as the constant predictor: what it means and what to try."""
+    return (f"{run} learned nothing: it collapsed to the constant predictor (its last validation loss is the label "
+            "prior's entropy, every input gets the same prediction); try another --seed, a lower --lr, more --steps "
+            "or, for ptp-*, a longer --reg-warmup or a smaller --reg-weight")

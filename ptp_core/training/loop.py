@@ -113,7 +113,9 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
         scheduler.step()
         params = reparam.forward(trainable)
         last_step = step
-        bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
+        # best: the best validation accuracy so far, shown from the first validation on (-1 before it means none)
+        shown = {"best": f"{best_accuracy:.3f}"} if best_accuracy >= 0 else {}
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", **shown)
         log.append({"step": step, "lr": scheduler.get_last_lr()[0], **losses})
         report(log[-1])
         if step % config.snapshot_every == 0:
@@ -128,6 +130,7 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
             report(log[-1])
             if result["accuracy"] > best_accuracy:
                 best_params, best_accuracy, best_step = _copy(params), result["accuracy"], step
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
     bar.close()
     if not validate:  # PET's no-dev protocol: the last step is the checkpoint, nothing is measured on validation
         best_params, best_accuracy, best_step = _copy(params), math.nan, last_step

@@ -122,4 +122,5 @@ def test_null_values_are_skipped_counted_and_explained(tmp_path):
     summary = {s.method: s for s in stats.summaries}["pt"]
     assert summary.n == 2 and summary.mean == pytest.approx(0.6) and stats.tests[0].n_a == 2
     markdown = write_tables(rows, tmp_path, stats)["md"].read_text()
-    assert "| – (no grid point within r of the centre) |" in markdown and "(n=2)" in markdown
+    assert "| –[1] |" in markdown and "(n=2)" in markdown
+    assert "\n[1] grid_sharpness: no grid point within r of the centre" in markdown  # the dash's note

@@ -195,7 +195,7 @@ def test_formats_md_names_every_key_train_writes(runs):
     """Each key of metrics.jsonl rows and of ptp.json's log rows is documented in docs/formats.md."""
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
     keys = {k for run in ("pt", "ptp") for row in _log(runs[run]) for k in row}
     keys |= {k for row in json.loads((runs["ptp"] / "ptp.json").read_text())["log"] for k in row}
     assert {"perturbed_loss", "reg_weight", "validation_loss", "clean_loss_mean"} <= keys

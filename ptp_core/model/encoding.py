@@ -21,7 +21,7 @@ from dataclasses import fields as dataclass_fields
 import torch
 from torch import Tensor
 
-from ptp_core.model.templates import IGNORE, example_rows
+from ptp_core.model.templates import IGNORE, example_rows, spaced_before, word_tokens
 from ptp_core.tasks.task import CHOICES, Split, batch_indices
 
 
@@ -93,18 +93,11 @@ def label_word_ids(tokenizer, label_words: list[str], kind: str, template: str =
     score it), the bare word where it does not; seq2seq decoders write it as a word after a space. A word of several
     tokens is refused: the verbalizer scores one token.
     """
-    spaced = "{mask}" not in template or template.split("{mask}")[0][-1:].isspace()
-    lead = tokenizer("a", add_special_tokens=False).input_ids  # a one-letter word: " word" is read after it
+    spaced = spaced_before(template, "mask")
     ids = []
     for word in label_words:
-        if kind == "seq2seq":
-            tokens = tokenizer(" " + word, add_special_tokens=False).input_ids
-        elif spaced:  # after another word: a text that starts with a space may get a "▁" of its own (SentencePiece)
-            in_context = tokenizer("a " + word, add_special_tokens=False).input_ids
-            tokens = in_context[len(lead):] if in_context[:len(lead)] == lead else tokenizer(
-                " " + word, add_special_tokens=False).input_ids
-        else:
-            tokens = tokenizer(word, add_special_tokens=False).input_ids
+        tokens = (tokenizer(" " + word, add_special_tokens=False).input_ids if kind == "seq2seq"
+                  else word_tokens(tokenizer, word, spaced))
         if not tokens:
             raise ValueError(f"label word {word!r} tokenizes to nothing")
         if len(tokens) > 1:

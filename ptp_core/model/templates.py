@@ -13,6 +13,7 @@ A causal LM reads the label word as the token after the text, so its template mu
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ptp_core.tasks.task import CHOICES, SLOT, check_causal_template
@@ -44,6 +45,25 @@ def _answer(tokenizer, ids: list[int], text_mask: list[bool], head: str, kind: s
     return len(ids) - 1  # causal verbalizer and decoder classifiers read the last real token
 
 
+def spaced_before(template: str, slot: str) -> bool:
+    """True when the template puts a space before {slot} (or has no such slot: the word follows other text)."""
+    marker = "{" + slot + "}"
+    return marker not in template or template.split(marker)[0][-1:].isspace()
+
+
+def word_tokens(tokenizer, word: str, spaced: bool) -> list[int]:
+    """The tokens of `word` as they stand in a text: after a space ("Ġgreat" for RoBERTa and GPT-2, as PET and
+    LM-BFF score it) when `spaced`, else bare. Read after a one-letter word, since a text that starts with a space
+    may get a "▁" of its own (SentencePiece)."""
+    if not spaced:
+        return tokenizer(word, add_special_tokens=False).input_ids
+    lead = tokenizer("a", add_special_tokens=False).input_ids
+    in_context = tokenizer("a " + word, add_special_tokens=False).input_ids
+    if in_context[:len(lead)] == lead:
+        return in_context[len(lead):]
+    return tokenizer(" " + word, add_special_tokens=False).input_ids
+
+
 # ---- named fields: a tokenizer pair for the classifier --------------------------------------------------
 
 def separator(tokenizer) -> str:
@@ -52,6 +72,7 @@ def separator(tokenizer) -> str:
     return tokenizer.sep_token or tokenizer.eos_token or "\n"
 
 
+@functools.lru_cache(maxsize=16)  # one probe per tokenizer, not one per row
 def glues_pairs(tokenizer) -> bool:
     """True when tokenizer(a, b) puts nothing between the two segments (GPT-2, Qwen2, SmolLM2: no pair template)."""
     sequence = tokenizer("a", "b").sequence_ids()
@@ -235,8 +256,8 @@ def candidate_row(tokenizer, values: dict[str, str], candidate: str, template: s
     """A row an LM scores a candidate with: the sum of its tokens' log-probabilities (causal: each token given
     the ones before it; seq2seq: the decoder writing it; masked: the single token at the mask)."""
     filled = adapt_template(template, "verbalizer", kind, multiple_choice=True)
-    if kind == "masked":
-        tokens = tokenizer(candidate, add_special_tokens=False).input_ids
+    if kind == "masked":  # the candidate's token as the text would have it at the mask
+        tokens = word_tokens(tokenizer, candidate, spaced_before(filled, "choice"))
         if len(tokens) != 1:
             raise ValueError(f"a masked-LM verbalizer scores one token at the mask, but candidate {candidate!r} is "
                              f"{len(tokens)} tokens; use a causal or seq2seq LM, or --head classifier")

@@ -264,3 +264,19 @@ def test_a_masked_candidate_is_read_at_the_mask_when_a_space_piece_stands_before
     assert row.ids[row.answer] == tokenizer.mask_token_id
     (scored,) = [i for i, t in enumerate(row.targets) if t != IGNORE]
     assert scored == row.answer and tokenizer.decode([row.targets[scored]]).strip() == "great"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_masked_candidate_is_the_token_the_text_has_at_the_mask(tokenizers_by_kind, kind):
+    """A masked-LM multiple-choice row scores the candidate's token as the filled-in text has it ("Ġrain" after a
+    space for RoBERTa), the same rule as the label words."""
+    tokenizer = tokenizers_by_kind[kind]
+    if tokenizer.mask_token is None:
+        pytest.skip("no mask token")
+    filled = "the grass was wet so rain"
+    encoded = tokenizer(filled, add_special_tokens=False, return_offsets_mapping=True)
+    start = filled.index("rain")
+    (reference,) = [t for t, (s, e) in zip(encoded.input_ids, encoded.offset_mapping) if s <= start < e]
+    row = candidate_row(tokenizer, {"premise": "the grass was wet", "connector": "so"}, "rain",
+                        "{premise} {connector} {choice}", "masked", 64)
+    assert [t for t in row.targets if t != IGNORE] == [reference]

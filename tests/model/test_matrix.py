@@ -37,6 +37,13 @@ TASKS = {
 LABELS = [1, 0, 1]
 
 
+
+def token_at(tok, text: str, at: int, word: str) -> int:
+    """The token the tokenizer itself gives `word` written into `text` at character `at` (where the mask was)."""
+    written = text[:at] + word + text[at + len(tok.mask_token):]
+    encoded = tok(written, add_special_tokens=False, return_offsets_mapping=True)
+    return next(t for t, (s, e) in zip(encoded.input_ids, encoded.offset_mapping) if s <= at < e)
+
 def candidates(kind: str) -> list[str]:
     """Several tokens each (every token's log-probability counts); one token for a masked LM (read at the mask)."""
     return ["good", "awful"] if kind == "masked" else ["good film", "the plot was awful"]
@@ -187,7 +194,7 @@ def reference_logits(reference_kind: str, pristine, model, params: dict, tok, ex
             answer = prompt.shape[0] + inputs["input_ids"][0].tolist().index(tok.mask_token_id)
             logits = reference(**prompted(reference, prompt, inputs)).logits[0, answer]  # (V,)
             if model.choices:
-                words = [tok(c, add_special_tokens=False).input_ids[0] for c in example["choices"]]
+                words = [token_at(tok, text, text.index(tok.mask_token), c) for c in example["choices"]]
                 rows.append(logits.double().log_softmax(-1)[words])
             else:
                 rows.append(logits[label_ids(tok, kind)])

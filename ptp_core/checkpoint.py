@@ -159,13 +159,16 @@ class Checkpoint:
         count = meta.get("num_labels") or (len(words) if words else None) or num_labels
         if not count and meta["head"] == "classifier":
             count = _config_num_labels(meta["model"], cache_dir)
-        if not count:
+        if meta["head"] == "lm":  # the targets are its label words (a classification task) or its texts: none
+            count = len(words or ())
+        elif not count:
             raise ValueError(f"{self.path} does not say its labels; pass --task (label_words=[...] in Python)")
         choices = meta.get("choices") or 0  # K candidates of a multiple-choice task
         backbone = load_backbone(meta["model"], meta["head"], count, device, dtype, cache_dir, attn_implementation,
                                  choices)
         fields = tuple(meta.get("fields") or ("text",))  # a checkpoint without its template: the task's default cloze
-        default = default_template(fields) if meta["head"] == "verbalizer" else "{text}"
+        default = (default_template(fields, meta.get("generation", False)) if meta["head"] in ("verbalizer", "lm")
+                   else "{text}")
         model = PromptModel(backbone, meta["head"], count, words, template or meta.get("template") or default,
                             meta.get("max_length", 128), {k: v.to(device) for k, v in self.params.items()}, choices,
                             self.prompt_type)

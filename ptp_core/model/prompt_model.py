@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ptp_core.model import encoding, prefix
+from ptp_core.model import encoding, lm, prefix
 from ptp_core.model.backbones import Backbone, max_positions
 from ptp_core.model.encoding import Batch
 from ptp_core.model.heads import Replay, head_module_names, head_view, slice_output, target_log_probs
@@ -65,7 +65,15 @@ class PromptModel(nn.Module):
         # kept out of the module tree: its parameters are the backbone's own, moved and frozen with it
         self.__dict__["_head_view"] = head_view(self.backbone, replay)
         self.__dict__["_replay"] = replay
-        if head == "classifier":
+        if head == "lm":  # the LM head writes the target text: nothing of its own is trained
+            if self.kind == "masked":
+                raise ValueError(f"{self.model_name} is a masked LM, which writes no text; --head lm needs a causal "
+                                 "LM or an encoder-decoder")
+            if len(set(self.label_words)) != len(self.label_words):
+                raise ValueError(f"label words {self.label_words} repeat a target; give one distinct target per label")
+            self.head_names = []
+            self.register_buffer("label_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        elif head == "classifier":
             self.head_names = head_module_names(self.backbone)
             if not choices and self.backbone.config.num_labels != num_labels:
                 raise ValueError(f"classifier has {self.backbone.config.num_labels} outputs but the task has "
@@ -135,8 +143,13 @@ class PromptModel(nn.Module):
                               self.max_positions, self.model_name)
 
     # ---- tokenization (ptp_core.model.encoding) ---------------------------------------------------
-    def encode(self, texts: list[str], labels: list[int] | None = None) -> Batch:
-        """Tokenize, apply the template and right-pad to the longest example; on the model's device."""
+    def encode(self, texts: list[str], labels: list[int] | None = None, rank: bool = False) -> Batch:
+        """Tokenize, apply the template and right-pad to the longest example; on the model's device. --head lm: the
+        input and its target (rank: one row per label word, a classification task's rank classification)."""
+        if self.head == "lm":
+            return encoding.encode_targets(self.tokenizer, texts, labels, template=self.template, kind=self.kind,
+                                           max_length=self.max_length, label_words=self.label_words,
+                                           rank=rank).to(self.device)
         return encoding.encode(self.tokenizer, texts, labels, template=self.template, head=self.head,
                                kind=self.kind, max_length=self.max_length).to(self.device)
 
@@ -148,6 +161,9 @@ class PromptModel(nn.Module):
     def logits(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
         """Class logits (B, C), or (G, B, C) when params["prompt"] is stacked (G, P, D); for multiple choice the
         scores of the K candidates, (B, K) or (G, B, K): the loss is the cross-entropy over them either way."""
+        if self.head == "lm":
+            raise ValueError("--head lm has no class logits: its loss is over target tokens (loss, scores, "
+                             "ptp_core.model.lm)")
         prompt = params["prompt"]
         stacked = prompt.dim() == 3 or (input_perturbation is not None and input_perturbation.dim() == 4)
         full, attention, groups, length = self._inputs(prompt, batch, input_perturbation)
@@ -288,12 +304,21 @@ class PromptModel(nn.Module):
         return out.logits[:, -1] if every_word else out.logits[:, -1, self.label_ids]
 
     def loss(self, params: dict[str, Tensor], batch: Batch, input_perturbation: Tensor | None = None) -> Tensor:
-        """Per-example cross-entropy (B,), or (G, B) for stacked params."""
+        """Per-example cross-entropy (B,), or (G, B) for stacked params. --head lm: each example's summed target-token
+        cross-entropy over the batch's token_scale, so that the mean over examples is the token mean (PEFT's
+        `labels` loss on the batch; over a whole split with batch_split's shared scale)."""
+        if self.head == "lm":
+            return lm.per_example(self, lm.row_terms(self, params, batch, input_perturbation)[0], batch)
         return cross_entropy(self.logits(params, batch, input_perturbation), batch.labels)
 
     def scores(self, params: dict[str, Tensor], batch: Batch,
                input_perturbation: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Per-example cross-entropy and correctness (float 0/1), each (B,) or (G, B): one forward for both."""
+        """Per-example cross-entropy and correctness (float 0/1), each (B,) or (G, B): one forward for both.
+        --head lm: correctness is each example's greedy-correct target tokens over the token_scale (its mean: the
+        token accuracy)."""
+        if self.head == "lm":
+            loss, correct = lm.row_terms(self, params, batch, input_perturbation)
+            return lm.per_example(self, loss, batch), lm.per_example(self, correct, batch)
         logits = self.logits(params, batch, input_perturbation)
         return cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).float()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ptp_core.tasks.task import CHOICES, SLOT, check_causal_template
+from ptp_core.tasks.task import CHOICES, SLOT, TARGET, check_causal_template
 
 IGNORE = -100  # a target position that is not scored
 
@@ -31,8 +31,8 @@ class Row:
 
 
 def field_values(example: dict) -> dict[str, str]:
-    """The named text fields of an example, in their stored order (candidates excluded)."""
-    return {k: str(v) for k, v in example.items() if k != CHOICES}
+    """The named text fields of an example, in their stored order (candidates and target excluded)."""
+    return {k: str(v) for k, v in example.items() if k not in (CHOICES, TARGET)}
 
 
 def template_slots(template: str) -> list[str]:
@@ -282,4 +282,47 @@ def candidate_row(tokenizer, values: dict[str, str], candidate: str, template: s
     row.targets = [IGNORE] * len(row.ids)
     for position in scored:
         row.targets[position - 1] = row.ids[position]  # position - 1 predicts the candidate's token at position
+    return row
+
+
+# ---- a target text: --head lm ------------------------------------------------------------------------------
+
+def target_tokens(tokenizer, target: str, template: str, kind: str) -> list[int]:
+    """The tokens a language model learns to write for `target`.
+
+    Causal: the target as it stands after the template's text (after a space where the template puts one before
+    {mask}, or has no {mask}), then the end-of-sequence token. Seq2seq: the tokenizer's own encoding of the target
+    (T5: the target and </s>; BART: <s>, the target, </s>), what HF's `labels` hold in PEFT's seq2seq guide.
+    """
+    if kind == "seq2seq":
+        return tokenizer(target).input_ids
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token, which ends every target of --head lm")
+    return word_tokens(tokenizer, target, spaced_before(template, "mask")) + [tokenizer.eos_token_id]
+
+
+def lm_row(tokenizer, example, target: str, template: str, kind: str, max_length: int) -> Row:
+    """A row an LM learns a target text from (--head lm). Causal: the template's text cut at {mask}, then the target
+    and eos in one sequence, `targets` holding at each position the token it predicts (IGNORE before the target);
+    seq2seq: the template's text ({mask} dropped) for the encoder and the target's tokens for the decoder.
+    Truncation cuts the input fields, never the template or the target; a target that alone does not fit
+    max_length is refused. `answer`: the last input token, from which generation writes."""
+    values = {"text": example} if isinstance(example, str) else field_values(example)
+    filled = adapt_template(template, "lm", kind, multiple_choice=False)
+    tokens = target_tokens(tokenizer, target, template, kind)
+    room = max_length if kind == "seq2seq" else max_length - len(tokens)
+    if len(tokens) > max_length or room < 1:
+        raise ValueError(f"the target {target[:60]!r} is {len(tokens)} tokens, which leaves no room for its input "
+                         f"in --max-length {max_length}; raise --max-length or shorten the target")
+    row, _, _ = template_row(tokenizer, values, filled, "lm", kind, room)
+    if kind == "seq2seq":
+        row.targets = tokens
+        return row
+    start = len(row.ids)
+    row.ids = row.ids + tokens
+    row.text_mask = row.text_mask + [False] * len(tokens)
+    row.targets = [IGNORE] * len(row.ids)
+    for position in range(start, len(row.ids)):
+        row.targets[position - 1] = row.ids[position]  # position - 1 predicts the target's token at position
+    row.answer = start - 1
     return row

@@ -7,7 +7,7 @@ prompt type or head by PromptModel. The measured numbers are in docs/backbones.m
 """
 from __future__ import annotations
 
-CELL_HEADS = ("classifier", "verbalizer", "multiple-choice classifier", "multiple-choice verbalizer")
+CELL_HEADS = ("classifier", "verbalizer", "multiple-choice classifier", "multiple-choice verbalizer", "lm")
 
 _SEQ_CLS = "PEFT SEQ_CLS prompt tuning"
 _CAUSAL = "PEFT CAUSAL_LM prompt tuning"
@@ -17,16 +17,21 @@ _PREFIX_CACHE = "PEFT's prefix cache in HF's SequenceClassification"
 _MASKED = "HF MaskedLM forward, prompt concatenated"
 _CHOICE = "HF MultipleChoice forward, prompt concatenated"
 _FLOAT64 = "explicit float64 prefix attention"
+_LM_CAUSAL = "PEFT CAUSAL_LM prompt tuning, labels loss"
+_LM_PREFIX = "PEFT CAUSAL_LM prefix tuning, labels loss"
+_LM_SEQ2SEQ = "PEFT SEQ_2_SEQ_LM prompt tuning, labels loss"
 _FLOAT64_MODERNBERT = "explicit float64 ModernBERT, windowed prefix"
 
 _ENCODER = {"shallow": {"classifier": _SEQ_CLS, "verbalizer": _MASKED, "multiple-choice classifier": _CHOICE,
                         "multiple-choice verbalizer": _MASKED}}
 _BERT_LIKE = {**_ENCODER, "deep": {"classifier": _FLOAT64}}
-_DECODER_SHALLOW = {"classifier": _SEQ_CLS, "verbalizer": _CAUSAL, "multiple-choice verbalizer": _CAUSAL}
+_DECODER_SHALLOW = {"classifier": _SEQ_CLS, "verbalizer": _CAUSAL, "multiple-choice verbalizer": _CAUSAL,
+                    "lm": _LM_CAUSAL}
 _DECODER = {"shallow": _DECODER_SHALLOW,
-            "deep": {"classifier": _PREFIX_CACHE, "verbalizer": _PREFIX, "multiple-choice verbalizer": _PREFIX}}
+            "deep": {"classifier": _PREFIX_CACHE, "verbalizer": _PREFIX, "multiple-choice verbalizer": _PREFIX,
+                     "lm": _LM_PREFIX}}
 _ALIBI = {"shallow": _DECODER_SHALLOW}
-_SEQ2SEQ_CELLS = {"shallow": {"verbalizer": _SEQ2SEQ, "multiple-choice verbalizer": _SEQ2SEQ}}
+_SEQ2SEQ_CELLS = {"shallow": {"verbalizer": _SEQ2SEQ, "multiple-choice verbalizer": _SEQ2SEQ, "lm": _LM_SEQ2SEQ}}
 
 VERIFIED: dict[str, dict[str, dict[str, str]]] = {
     "bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "electra": _BERT_LIKE,
@@ -52,6 +57,7 @@ WHY_NOT = {
     ("multiple-choice classifier", "causal"): "transformers has no multiple-choice head for decoders",
     ("multiple-choice classifier", "seq2seq"): "transformers has no multiple-choice head for encoder-decoders",
     ("classifier", "seq2seq"): "its classification head finds EOS in the token ids, which a soft prompt replaces",
+    ("lm", "masked"): "a masked LM writes no text",
 }
 
 

@@ -30,7 +30,7 @@ from ptp_core.tasks.splits import (
     hold_out,
     train_and_dev,
 )
-from ptp_core.tasks.task import SPLIT_SEED, SPLITS, Split, Task, default_template
+from ptp_core.tasks.task import NO_LABEL, SPLIT_SEED, SPLITS, TARGET, Split, Task, default_template
 
 
 def benchmark_task(benchmark: Benchmark, official: dict[str, OfficialSplit], source: str,
@@ -123,6 +123,38 @@ def _drop_hidden(rows: list[dict], by_split: bool) -> tuple[list[dict], dict[str
     return kept, hidden
 
 
+def generation_rows(name: str, rows: list[dict], text_fields: tuple[str, ...], target_field: str,
+                    template: str | None = None, source: str = "") -> Task:
+    """A generation task: every row's text_fields are its input and `target_field` the text to write (--head lm);
+    an optional `split` column as in from_rows. A row without a target, or with an empty one, is refused."""
+    if not rows:
+        raise ValueError(f"task {name!r} is empty; give a file with a header and at least one row per split")
+    for i, row in enumerate(rows):
+        missing = [column for column in (*text_fields, target_field) if column not in row]
+        if missing:
+            raise ValueError(f"task {source or name}: row {i} has no {', '.join(missing)} column; it has {sorted(row)} "
+                             f"(--text-fields names the input columns, --target-field the target's)")
+        if row[target_field] is None or not str(row[target_field]).strip():
+            raise ValueError(f"task {source or name}: row {i} has an empty {target_field!r}; every example needs a "
+                             "target text to learn")
+    texts = [{**{f: str(r[f]) for f in text_fields}, TARGET: str(r[target_field])} for r in rows]
+    labels = [NO_LABEL] * len(rows)
+    by_split = "split" in rows[0] and all(r.get("split") for r in rows)
+    if by_split:
+        bad = sorted({r["split"] for r in rows} - set(SPLITS))
+        if bad:
+            raise ValueError(f"unknown split names {bad} in {name!r}; use train, validation, test")
+        splits = {s: Split([t for t, r in zip(texts, rows) if r["split"] == s],
+                           [y for y, r in zip(labels, rows) if r["split"] == s]) for s in SPLITS}
+        splits, info = _fill_splits(name, splits, {})
+    else:
+        splits, info = _deterministic_split(texts, labels), _shuffled_split_info()
+    _check_cut(name, source, splits, by_split)
+    info["target_field"] = target_field
+    return Task(name, [], [], splits, template or default_template(text_fields, generation=True), source, text_fields,
+                split_info=info, generation=True)
+
+
 def from_rows(name: str, rows: list[dict], label_names: list[str] | None = None,
               label_words: list[str] | None = None, template: str | None = None, source: str = "",
               text_fields: tuple[str, ...] = ("text",)) -> Task:
@@ -190,11 +222,26 @@ def _check_cut(name: str, source: str, splits: dict[str, Split], by_split: bool)
 
 
 def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tuple[str, ...],
-               train_examples: int | None = None) -> Task:
+               train_examples: int | None = None, target_field: str | None = None) -> Task:
     """The task with its splits; train_examples: a benchmark's few-shot splits (benchmark_task), elsewhere a seeded
-    subset of the train split (few_shot)."""
+    subset of the train split (few_shot); target_field: a file's or dataset's generation task (generation_rows)."""
     path = Path(name_or_path)
-    if name_or_path == "rotten_tomatoes" or path.is_dir() or is_benchmark_name(name_or_path):
+    builtin = name_or_path == "rotten_tomatoes" or path.is_dir() or is_benchmark_name(name_or_path)
+    if target_field is not None and builtin:
+        raise ValueError(f"--target-field names a column of a CSV/JSONL file or dataset; task {name_or_path!r} is "
+                         "a classification task: with --head lm its label names (or --label-words) are the targets, "
+                         "drop --target-field")
+    if target_field is not None:
+        if path.suffix in (".csv", ".jsonl"):
+            if not path.is_file():
+                raise FileNotFoundError(f"task file {path} does not exist")
+            rows, source = read_rows(path), str(path)
+        else:
+            rows, source = hf_rows(name_or_path), f"hf:{name_or_path}"
+        task = generation_rows(path.stem if source == str(path) else name_or_path, rows, text_fields, target_field,
+                               source=source)
+        return task if train_examples is None else few_shot(task, train_examples)
+    if builtin:
         if text_fields != ("text",):
             raise ValueError(f"--text-fields names the columns of a CSV/JSONL file; task {name_or_path!r} has its "
                              "own fields, drop --text-fields")
@@ -233,15 +280,19 @@ def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tu
 
 def load_task(name_or_path: str, label_words: list[str] | None = None, template: str | None = None,
               label_names: list[str] | None = None, text_fields: tuple[str, ...] = ("text",),
-              train_examples: int | None = None) -> Task:
+              train_examples: int | None = None, target_field: str | None = None) -> Task:
     """The embedded task, a benchmark by name (super_glue/rte, glue/mrpc, ...) or by official folder, a CSV/JSONL
     file (text_fields: its text columns) or an HF `datasets` name.
 
     label_words and template replace the task's own. train_examples = N keeps a seeded subset of N training examples;
     for a benchmark (FewGLUE) N units of the official train split, and N others are the validation split.
     label_names fix the label order of a file (the benchmarks and rotten_tomatoes have their own).
+    target_field: the column of a file or dataset that holds each example's target text: a generation task (--head lm).
     """
-    task = _read_task(name_or_path, label_names, tuple(text_fields), train_examples)
+    task = _read_task(name_or_path, label_names, tuple(text_fields), train_examples, target_field)
+    if task.generation and label_words:
+        raise ValueError("--label-words name a classification task's targets; a generation task's targets are its "
+                         "--target-field texts")
     if label_words or template is not None:
         task = replace(task, label_words=list(label_words or task.label_words),
                        template=task.template if template is None else template)

@@ -84,3 +84,37 @@ def task_metrics(metric: str, predictions, labels, groups=None) -> dict[str, flo
         result["f1a"] = f1_score(predictions, labels)
         result["em"] = exact_match(predictions, labels, np.asarray(groups, dtype=np.int64))
     return result
+
+
+# ---- generated text (--head lm --generate) ---------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization (Rajpurkar et al. 2016, its official evaluation script): lower case, punctuation and
+    the articles a/an/the removed, whitespace collapsed."""
+    import re
+    import string
+
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, target: str) -> float:
+    """SQuAD's token F1 between the normalized prediction and target (1.0 when both are empty)."""
+    from collections import Counter
+
+    predicted, true = normalize_answer(prediction).split(), normalize_answer(target).split()
+    if not predicted or not true:
+        return float(predicted == true)
+    common = sum((Counter(predicted) & Counter(true)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(true)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(predictions: list[str], targets: list[str]) -> dict:
+    """exact_match and f1 (SQuAD's, means over examples) of generated texts against their targets."""
+    exact = [float(normalize_answer(p) == normalize_answer(t)) for p, t in zip(predictions, targets)]
+    f1 = [token_f1(p, t) for p, t in zip(predictions, targets)]
+    return {"exact_match": float(np.mean(exact)), "f1": float(np.mean(f1))}

@@ -2,7 +2,8 @@
 template that names the fields), and the checks that keep them consistent.
 
 An example is a str (the single field `text`) or a dict of named text fields; a multiple-choice example also holds
-"choices", its K candidate texts, and its label is the index of the right one. Where tasks come from is
+"choices", its K candidate texts, and its label is the index of the right one; a generation example is a dict that
+also holds "target", the text the model learns to write (--head lm), and its label is NO_LABEL. Where tasks come from is
 ptp_core.tasks.load; how splits are cut is ptp_core.tasks.splits; tokenization is ptp_core.model.encoding.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DEFAULT_TEMPLATE = "{text} It was {mask}."  # cloze for the verbalizer; {mask} is the answer slot
 SLOT = re.compile(r"\{(\w+)\}")  # a {name} in a template: a field, {mask} or (multiple choice) {choice}
 CHOICES = "choices"  # the key of a multiple-choice example's candidate texts
+TARGET = "target"  # the key of a generation example's target text (what --head lm teaches the model to write)
+NO_LABEL = -1  # the label of a generation example: it has a target text instead of a class
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ class Split:
         return units
 
 
-def default_template(fields: tuple[str, ...]) -> str:
-    """The verbalizer's cloze when none is given: DEFAULT_TEMPLATE for `text`, else the fields in order, then {mask}."""
+def default_template(fields: tuple[str, ...], generation: bool = False) -> str:
+    """The verbalizer's cloze when none is given: DEFAULT_TEMPLATE for `text`, else the fields in order, then {mask};
+    a generation task's: the fields in order (the target follows them)."""
+    if generation:
+        return " ".join("{" + name + "}" for name in fields)
     if tuple(fields) == ("text",):
         return DEFAULT_TEMPLATE
     return " ".join("{" + name + "}" for name in fields) + " Answer: {mask}."
@@ -87,6 +93,8 @@ class Task:
     split_info: dict = field(default_factory=dict)  # how the splits were made (recorded in ptp.json)
     # the verbalizer's template for a causal LM, every field before {mask} ("": `template` already ends at {mask})
     causal_template: str = ""
+    generation: bool = False  # examples hold a target text (TARGET) instead of a class: --head lm only
+
 
     def __post_init__(self):
         self.fields = tuple(self.fields)
@@ -96,10 +104,12 @@ class Task:
                 f"but {len(self.label_words)} label words ({', '.join(self.label_words)}); give one word per label")
         if self.metric not in METRICS:
             raise ValueError(f"task {self.name!r}: unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
-        reserved = {"mask", "choice", CHOICES} & set(self.fields)
+        reserved = {"mask", "choice", CHOICES, TARGET} & set(self.fields)
         if not self.fields or reserved or len(set(self.fields)) < len(self.fields):
             raise ValueError(f"task {self.name!r} has fields {list(self.fields)}; name each text field once (not "
-                             "mask, choice or choices)")
+                             "mask, choice, choices or target)")
+        if self.generation and (self.choices or self.label_names):
+            raise ValueError(f"generation task {self.name!r} has target texts, not labels or choices")
         if self.choices < 0 or (self.choices and self.num_labels != self.choices):
             raise ValueError(f"task {self.name!r} has {self.choices} choices but {self.num_labels} labels; a "
                              "multiple-choice task has one label per candidate")
@@ -144,8 +154,11 @@ def check_causal_template(template: str) -> None:
                          "(it predicts the label word as the next token); put {mask} last, every field before it")
 
 
-def _fits(example, fields: tuple[str, ...], choices: int) -> bool:
-    """A single `text` field: a string; otherwise a dict holding every field (and K choices for multiple choice)."""
+def _fits(example, fields: tuple[str, ...], choices: int, generation: bool = False) -> bool:
+    """A single `text` field: a string; otherwise a dict holding every field (and K choices for multiple choice, a
+    non-empty target for generation)."""
+    if generation:
+        return isinstance(example, dict) and all(f in example for f in fields) and bool(str(example.get(TARGET) or ""))
     if fields == ("text",) and not choices:
         return isinstance(example, str)
     return isinstance(example, dict) and all(f in example for f in fields) and (
@@ -154,10 +167,13 @@ def _fits(example, fields: tuple[str, ...], choices: int) -> bool:
 
 def _check_examples(task: Task, name: str, split: Split) -> None:
     for i, example in enumerate(split.texts):
-        if not _fits(example, task.fields, task.choices):
-            shape = "a string" if task.fields == ("text",) and not task.choices else (
-                f"a dict with {', '.join(task.fields)}" + (f" and {task.choices} {CHOICES}" if task.choices else ""))
+        if not _fits(example, task.fields, task.choices, task.generation):
+            shape = "a string" if task.fields == ("text",) and not task.choices and not task.generation else (
+                f"a dict with {', '.join(task.fields)}" + (f" and {task.choices} {CHOICES}" if task.choices else "")
+                + (f" and a non-empty {TARGET}" if task.generation else ""))
             raise ValueError(f"task {task.name!r}: {name} example {i} is not {shape}: {str(example)[:80]!r}")
+    if task.generation:
+        return
     if split.labels and not 0 <= min(split.labels) <= max(split.labels) < task.num_labels:
         raise ValueError(f"task {task.name!r}: a {name} label lies outside 0..{task.num_labels - 1}")
 

@@ -23,7 +23,7 @@ SELECTION_NOTES = {"validation": "the step with the best validation accuracy is 
 # Default prompt learning rates, from small searches on the embedded task (docs/results.md, Training):
 # minilm + classifier: 3e-2; smollm2 + verbalizer, test accuracy after 60 steps: 1e-3 -> 0.67, 3e-3 -> 0.75,
 # 3e-2 -> 0.59 (batch 8; no learning), 0.1 -> 0.48 (150 steps). Why the larger steps fail is not established.
-PROMPT_LR = {"classifier": 3e-2, "verbalizer": 3e-3}
+PROMPT_LR = {"classifier": 3e-2, "verbalizer": 3e-3, "lm": 3e-3}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainConfig:
     label_words: list[str] | None = None
     template: str | None = None
     text_fields: tuple[str, ...] = ("text",)  # the text columns of a CSV/JSONL task (--text-fields premise,hypothesis)
+    target_field: str | None = None  # the target text's column of a generation task (--head lm)
     train_examples: int | None = None  # a seeded subset of the train split (FewGLUE: 32); None: all of it
     selection: str = "validation"  # last: no validation split is used, the last step is saved (PET's no-dev)
     device: str = "auto"  # cuda when a GPU is present
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"unknown --selection {self.selection!r}; use one of {', '.join(SELECTIONS)}")
         if self.head == "auto":
             self.head = default_head(self.model)
+        if self.target_field is not None and self.head != "lm":
+            raise ValueError(f"--target-field makes a generation task, which --head lm learns; got --head {self.head}")
         if self.lr is None:
             self.lr = PROMPT_LR.get(self.head, PROMPT_LR["classifier"])
         for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):

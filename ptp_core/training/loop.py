@@ -16,12 +16,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ptp_core.model.backbones import autocast
-from ptp_core.model.encoding import Batch, batch_split
+from ptp_core.model.encoding import Batch
 from ptp_core.model.projection import PREFIX, Identity, Reparameterization
 from ptp_core.model.prompt_model import PromptModel
 from ptp_core.tasks.task import Task, batch_indices
 from ptp_core.training.config import TrainConfig
-from ptp_core.training.evaluation import EVAL_BATCH_SIZE, evaluate
+from ptp_core.training.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_batches, selection_score
 from ptp_core.training.perturb import ptp_gradients
 
 
@@ -50,7 +50,8 @@ class FitResult:
     """What the training loop leaves: the selected step's tensors, the log, the prompt's trajectory."""
     params: dict[str, Tensor]  # the best step's tensors (the initial ones when training stopped before validating);
     # with selection "last", the last finite step's
-    best_accuracy: float  # validation accuracy at best_step (NaN with selection "last": no validation)
+    best_accuracy: float  # validation accuracy at best_step (NaN with selection "last": no validation); a
+    # generation task's: its token accuracy
     best_step: int
     log: list[dict]  # a row per step, and a row per validation
     trajectory: dict[str, Tensor]  # "prompts" (S, P, D), "steps" (S,)
@@ -89,7 +90,7 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
     validate = config.selection == "validation"
     valid_batches = []
     if validate:
-        valid_batches, _ = batch_split(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
+        valid_batches = evaluation_batches(model, task.splits["validation"].head(config.eval_examples), EVAL_BATCH_SIZE)
     log, snapshots, snapshot_steps = [], [params["prompt"].detach().cpu().clone()], [0]
     best_params, best_accuracy, best_step, status = _copy(params), -1.0, 0, "complete"
     pending = []  # this epoch's batches of example indices not trained on yet
@@ -125,18 +126,18 @@ def fit_prompt(model: PromptModel, trainable: dict[str, Tensor], task: Task, con
             with autocast(model.device, compute_dtype):
                 result = evaluate(model, params, valid_batches)
             recent = [row["clean_loss"] for row in log[-config.eval_every:] if "clean_loss" in row]
-            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": result["accuracy"],
+            log.append({"step": step, "validation_loss": result["loss"], "validation_accuracy": selection_score(result),
                         "clean_loss_mean": sum(recent) / max(1, len(recent)), "label_prior_entropy": prior_entropy})
             report(log[-1])
-            if result["accuracy"] > best_accuracy:
-                best_params, best_accuracy, best_step = _copy(params), result["accuracy"], step
+            if selection_score(result) > best_accuracy:
+                best_params, best_accuracy, best_step = _copy(params), selection_score(result), step
             bar.set_postfix(loss=f"{losses['loss']:.3f}", best=f"{best_accuracy:.3f}")
     bar.close()
     if not validate:  # PET's no-dev protocol: the last step is the checkpoint, nothing is measured on validation
         best_params, best_accuracy, best_step = _copy(params), math.nan, last_step
     elif best_accuracy < 0:  # stopped before the first validation: measure the initial prompt
         with autocast(model.device, compute_dtype):
-            best_accuracy = evaluate(model, best_params, valid_batches)["accuracy"]
+            best_accuracy = selection_score(evaluate(model, best_params, valid_batches))
     trajectory = {"prompts": torch.stack(snapshots), "steps": torch.tensor(snapshot_steps)}  # (S, P, D), (S,)
     return FitResult(best_params, best_accuracy, best_step, log, trajectory, status)
 

@@ -123,6 +123,11 @@ class Checkpoint:
         return f"{method} (deep)" if self.prompt_type == "deep" else method
 
     @property
+    def generation(self) -> bool:
+        """True for a --head lm prompt: its loss is the token-level cross-entropy of target texts."""
+        return self.meta.get("head") == "lm"
+
+    @property
     def prompt_type(self) -> str:
         """shallow (input-level virtual tokens) or deep (per-layer prefix keys and values)."""
         return self.meta.get("prompt_type") or ("deep" if self.adapter.get("peft_type") == "PREFIX_TUNING"
@@ -141,9 +146,11 @@ class Checkpoint:
         if not name:
             raise ValueError(f"{self.path} does not name its task; name one (--task on the command line, "
                              "checkpoint.task(name) in Python)")
-        return load_task(name, label_words=self.meta.get("label_words"), label_names=self.meta.get("label_names"),
+        target_field = self.meta.get("target_field") if own else None  # a generation task's target column
+        return load_task(name, label_words=None if target_field else self.meta.get("label_words"),
+                         label_names=self.meta.get("label_names"),
                          text_fields=tuple(self.meta.get("text_fields") or ("text",)) if own else ("text",),
-                         train_examples=self.meta.get("train_examples") if own else None)
+                         train_examples=self.meta.get("train_examples") if own else None, target_field=target_field)
 
     def build_model(self, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None, label_words: list[str] | None = None,

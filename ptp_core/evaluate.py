@@ -1,5 +1,6 @@
 """Loss, accuracy and the task's metric (f1, mcc, ...) of a prompt on a split; `python -m ptp_core.evaluate CKPT`
-prints one JSON line."""
+prints one JSON line. A --head lm checkpoint: the token-mean loss, perplexity and token accuracy (and rank
+classification on a classification task); --generate adds greedy generation with exact match and F1."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ from ptp_core import cli
 from ptp_core.checkpoint import load_checkpoint
 from ptp_core.model.backbones import DTYPE_CHOICES, autocast, resolve_dtype
 from ptp_core.tasks.task import SPLITS
-from ptp_core.training.evaluation import EVAL_BATCH_SIZE, evaluate
+from ptp_core.training.evaluation import EVAL_BATCH_SIZE, evaluate, generation_scores
+
+MAX_NEW_TOKENS = 32
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,9 +28,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bfloat16 autocast where the hardware multiplies bf16 natively, else float32")
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction, help="a bar over the batches")
+    p.add_argument("--generate", action="store_true",
+                   help="--head lm checkpoints: also generate greedily and score exact match and F1 (SQuAD's), or "
+                        "the generated label's accuracy on a classification task")
+    p.add_argument("--max-new-tokens", type=cli.positive(int), default=MAX_NEW_TOKENS,
+                   help="--generate: stop after this many new tokens (or at the end-of-sequence token)")
     args = p.parse_args(argv)
     cli.quiet_transformers()
     checkpoint = load_checkpoint(args.checkpoint)
+    if args.generate and not checkpoint.generation:
+        raise ValueError(f"--generate needs a --head lm checkpoint; {args.checkpoint} has the "
+                         f"{checkpoint.meta.get('head')} head, which writes no text")
     task = checkpoint.task(args.task)
     trained_on = checkpoint.meta.get("num_labels")
     if trained_on and trained_on != task.num_labels:
@@ -40,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     with autocast(model.device, dtype):
         subset = task.splits[args.split].head(args.examples, whole_groups=True)  # EM: never cut through a question
         result = evaluate(model, dict(model.params), subset, args.batch_size, task.metric, progress=args.progress)
+        if args.generate:
+            result.update(generation_scores(model, dict(model.params), subset, args.max_new_tokens, args.batch_size,
+                                            args.progress))
     result["dtype"] = dtype
     print(json.dumps(result))
     return result

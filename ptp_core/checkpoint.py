@@ -32,8 +32,11 @@ HEAD_PREFIX = "base_model."
 
 # PEFT's task type for (head, kind); a masked-LM verbalizer has none of its own
 PEFT_TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked": "FEATURE_EXTRACTION"}
-READABLE_TASK_TYPES = {"SEQ_CLS": ("classifier", None), "CAUSAL_LM": ("verbalizer", "causal"),
-                       "SEQ_2_SEQ_LM": ("verbalizer", "seq2seq")}
+# PEFT's task type -> the heads it can be read as (the first by default) and the model kind; PEFT trains CAUSAL_LM and
+# SEQ_2_SEQ_LM prompts on `labels`, the target tokens' loss, which is --head lm; "verbalizer" keeps reading them as
+# label words at the answer
+READABLE_TASK_TYPES = {"SEQ_CLS": (("classifier",), None), "CAUSAL_LM": (("verbalizer", "lm"), "causal"),
+                       "SEQ_2_SEQ_LM": (("verbalizer", "lm"), "seq2seq")}
 
 
 def _peft_task_type(meta: dict) -> str:
@@ -252,8 +255,12 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]}); re-save it") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read our checkpoint directory, or a prompt-tuning directory PEFT saved (SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM)."""
+def load_checkpoint(path: str | Path, head: str | None = None) -> Checkpoint:
+    """Read our checkpoint directory, or a prompt-tuning directory PEFT saved (SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM).
+
+    head: how to read a PEFT-saved CAUSAL_LM or SEQ_2_SEQ_LM adapter, "verbalizer" (the default) or "lm" (the loss
+    PEFT trains them with: cross-entropy over target tokens); a directory with ptp.json knows its own head.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -280,11 +287,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         task_type = adapter.get("task_type")
         if task_type not in READABLE_TASK_TYPES:
             raise ValueError(f"{path} is a PEFT {task_type} checkpoint; {', '.join(READABLE_TASK_TYPES)} can be read")
-        head, kind = READABLE_TASK_TYPES[task_type]
-        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None, "head": head, "kind": kind,
-                "prompt_type": "deep" if adapter["peft_type"] == "PREFIX_TUNING" else "shallow"}
+        heads, kind = READABLE_TASK_TYPES[task_type]
+        if head not in (None, *heads):
+            raise ValueError(f"{path} is a PEFT {task_type} adapter, which reads as head {' or '.join(heads)}, not "
+                             f"{head!r}; pass one of those (or none)")
+        meta = {"model": adapter["base_model_name_or_path"], "method": "peft", "seed": None, "head": head or heads[0],
+                "kind": kind, "prompt_type": "deep" if adapter["peft_type"] == "PREFIX_TUNING" else "shallow"}
     for key in ("model", "head"):
         if key not in meta:
             raise ValueError(f"{path / META} lacks {key!r}; re-save the checkpoint")
+    if head not in (None, meta["head"]):
+        raise ValueError(f"{path} was trained with the {meta['head']} head, not {head!r}; load it without head=")
     trajectory = _read_tensors(path / TRAJECTORY) if (path / TRAJECTORY).exists() else None
     return Checkpoint(path, params, meta, trajectory, adapter)

@@ -24,6 +24,9 @@ HF_MASKED = "HF MaskedLM forward, prompt concatenated"
 HF_CHOICE = "HF MultipleChoice forward, prompt concatenated"
 FLOAT64 = "explicit float64 prefix attention"
 FLOAT64_MODERNBERT = "explicit float64 ModernBERT, windowed prefix"
+PEFT_LM_CAUSAL = "PEFT CAUSAL_LM prompt tuning, labels loss"  # --head lm (tests/model/test_lm_matrix.py)
+PEFT_LM_PREFIX = "PEFT CAUSAL_LM prefix tuning, labels loss"
+PEFT_LM_SEQ2SEQ = "PEFT SEQ_2_SEQ_LM prompt tuning, labels loss"
 
 WINDOW = 8  # sliding windows: shorter than the longer test texts (the window cuts inside them), long enough that
 #            the prompt reaches the answer of the shortest through 2 layers (else a cell could not fail)
@@ -36,11 +39,12 @@ ENCODER_CELLS = {("shallow", "classifier"): PEFT_SEQ_CLS, ("shallow", "verbalize
                  ("shallow", "multiple-choice classifier"): HF_CHOICE, ("shallow", "multiple-choice verbalizer"): HF_MASKED}
 FLOAT64_CELLS = {**ENCODER_CELLS, ("deep", "classifier"): FLOAT64}
 DECODER_CELLS = {("shallow", "classifier"): PEFT_SEQ_CLS, ("shallow", "verbalizer"): PEFT_CAUSAL,
-                 ("shallow", "multiple-choice verbalizer"): PEFT_CAUSAL,
+                 ("shallow", "multiple-choice verbalizer"): PEFT_CAUSAL, ("shallow", "lm"): PEFT_LM_CAUSAL,
                  ("deep", "classifier"): PEFT_PREFIX_CACHE, ("deep", "verbalizer"): PEFT_PREFIX,
-                 ("deep", "multiple-choice verbalizer"): PEFT_PREFIX}
+                 ("deep", "multiple-choice verbalizer"): PEFT_PREFIX, ("deep", "lm"): PEFT_LM_PREFIX}
 ALIBI_CELLS = {cell: reference for cell, reference in DECODER_CELLS.items() if cell[0] == "shallow"}
-SEQ2SEQ_CELLS = {("shallow", "verbalizer"): PEFT_SEQ2SEQ, ("shallow", "multiple-choice verbalizer"): PEFT_SEQ2SEQ}
+SEQ2SEQ_CELLS = {("shallow", "verbalizer"): PEFT_SEQ2SEQ, ("shallow", "multiple-choice verbalizer"): PEFT_SEQ2SEQ,
+                 ("shallow", "lm"): PEFT_LM_SEQ2SEQ}
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,26 @@ def build_config(name: str, tokenizer_kind: str | None = None, prompt_type: str 
     vocab = len(tokenizer(tokenizer_kind or family.tokenizer))
     settings = {**family.settings, **(family.deep_settings if prompt_type == "deep" else {})}
     return getattr(transformers, family.config)(vocab_size=vocab, num_labels=2, **settings)
+
+
+def labels_inputs(tok, kind: str, contexts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """HF's `labels` inputs for an LM learning `targets` after `contexts`, right-padded, from the tokenizer's own call:
+    causal, context and target tokenized as one text, then eos, labels -100 over the context and the padding;
+    seq2seq, the context for the encoder and the target's own encoding (with its specials) as labels."""
+    ids, labels = [], []
+    for context, target in zip(contexts, targets):
+        if kind == "seq2seq":
+            ids.append(tok(context).input_ids)
+            labels.append(tok(target).input_ids)
+            continue
+        whole, before = tok(f"{context} {target}").input_ids, tok(context).input_ids
+        assert whole[:len(before)] == before, "the target's tokens must follow the context's"
+        ids.append(whole + [tok.eos_token_id])
+        labels.append([-100] * len(before) + ids[-1][len(before):])
+    width, label_width = max(map(len, ids)), max(map(len, labels))
+    return {"input_ids": torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids]),  # (B, T)
+            "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+            "labels": torch.tensor([label + [-100] * (label_width - len(label)) for label in labels])}  # (B, T|Tc)
 
 
 def prefix_reference_inputs(model, prompt: torch.Tensor, texts: list):

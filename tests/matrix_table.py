@@ -3,7 +3,9 @@
     python tests/matrix_table.py      # rewrites the blocks between the marker comments, nothing else
 
 The numbers are the max |logit difference| between our batched forward and each cell's reference
-(tests/model/test_matrix.py); a cell that fails is written with its error, so the table never claims more than was run.
+(tests/model/test_matrix.py), for the lm cells the |loss difference| against PEFT's `labels` loss
+(tests/model/test_lm_matrix.py); a cell that fails is written with its error, so the table never claims more than was
+run.
 """
 from __future__ import annotations
 
@@ -28,14 +30,15 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
-def shown(outcome, reach: bool = False) -> str:
-    """A cell's max |dlogit| (or its reach: the gap with the prompt moved), or the error it failed with."""
+def shown(outcome, reach: bool = False, tolerance: float | None = None) -> str:
+    """A cell's max |dlogit| or |dloss| (or its reach: how far the prompt moved moves it), or the error it failed
+    with; tolerance: the cell's (default: the logits')."""
     if isinstance(outcome, str):
         return f"fails: {outcome.replace('|', '/')}"
     from test_matrix import REACH, TOLERANCE
 
     value = outcome[1 if reach else 0]
-    failed = value < REACH if reach else value > TOLERANCE
+    failed = value < REACH if reach else value > (tolerance or TOLERANCE)
     return f"{value:.1e}" + (" (fails)" if failed else "")
 
 
@@ -50,14 +53,17 @@ def provenance() -> str:
 
 def matrix_rows(out: Path) -> list[str]:
     from families import FAMILIES
+    from test_lm_matrix import TOLERANCE as LM_TOLERANCE
+    from test_lm_matrix import measure_lm_family
     from test_matrix import measure_family
 
-    rows = ["| family | prompt type | head | reference | max abs dlogit | prompt moved | what the config exercises |",
+    rows = ["| family | prompt type | head | reference | max abs delta | prompt moved | what the config exercises |",
             "|---|---|---|---|---|---|---|"]
     for name, family in FAMILIES.items():
-        gaps = measure_family(name, out / name)
-        rows += [f"| {name} | {prompt_type} | {head} | {family.cells[prompt_type, head]} | {shown(gap)} | "
-                 f"{shown(gap, reach=True)} | {family.why} |" for (prompt_type, head), gap in gaps.items()]
+        gaps = {**measure_family(name, out / name), **measure_lm_family(name, out / name)}
+        rows += [f"| {name} | {prompt_type} | {head} | {family.cells[prompt_type, head]} | "
+                 f"{shown(gaps[prompt_type, head], tolerance=LM_TOLERANCE if head == 'lm' else None)} | "
+                 f"{shown(gaps[prompt_type, head], reach=True)} | {family.why} |" for prompt_type, head in family.cells]
     return rows
 
 

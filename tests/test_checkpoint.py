@@ -83,6 +83,39 @@ def test_we_load_a_peft_saved_checkpoint(arch, head, tiny_dirs, tmp_path):
     torch.testing.assert_close(model.predict([text])[0], expected, rtol=1e-4, atol=1e-5)
 
 
+LM_EXAMPLES = [{"text": "the movie was really good and the acting superb", "target": "good film"},
+               {"text": "dull", "target": "the plot was boring and the story quite weak"}]
+
+
+@pytest.mark.parametrize("arch,task_type,peft_type", [("gpt2", "CAUSAL_LM", "PROMPT_TUNING"),
+                                                      ("llama", "CAUSAL_LM", "PREFIX_TUNING"),
+                                                      ("t5", "SEQ_2_SEQ_LM", "PROMPT_TUNING")])
+def test_a_peft_saved_lm_adapter_loads_as_head_lm_with_peft_labels_loss(arch, task_type, peft_type, tiny_dirs,
+                                                                        family_dirs, tmp_path):
+    import transformers
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from families import labels_inputs
+
+    folder = tiny_dirs.get(arch) or family_dirs[arch]
+    kind = "seq2seq" if task_type == "SEQ_2_SEQ_LM" else "causal"
+    auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
+    config = (PrefixTuningConfig if peft_type == "PREFIX_TUNING" else PromptTuningConfig)(task_type=task_type,
+                                                                                          num_virtual_tokens=3)
+    torch.manual_seed(5)  # PEFT's own random init
+    peft_model = get_peft_model(auto.from_pretrained(folder), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    template = "Review : {text} It was {mask}"
+    model = load_checkpoint(tmp_path / "peft", head="lm").build_model("cpu", template=template)
+    with torch.no_grad():
+        ours = float(model.loss(dict(model.params), model.encode(LM_EXAMPLES)).mean())
+        inputs = labels_inputs(model.tokenizer, kind, [f"Review : {e['text']} It was" for e in LM_EXAMPLES],
+                               [e["target"] for e in LM_EXAMPLES])
+        expected = float(peft_model(**inputs).loss)
+    assert model.head == "lm" and model.prompt_type == ("deep" if peft_type == "PREFIX_TUNING" else "shallow")
+    assert abs(ours - expected) < 1e-5, (ours, expected)
+
+
 def test_bad_checkpoints(tiny_bert_model, tmp_path):
     out = _save(tiny_bert_model, tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,4 +1,5 @@
-"""The verification matrix: every family x prompt type x head of tests/families.py against its independent reference.
+"""The verification matrix: every family x prompt type x head of tests/families.py against its independent reference
+(the lm cells, a loss over target tokens rather than logits: tests/model/test_lm_matrix.py).
 
 Our side runs a pair task (premise, hypothesis of different lengths, longer than any sliding window) as ONE
 right-padded batch through PromptModel.logits; the reference runs one example at a time, unpadded, tokenized
@@ -279,10 +280,12 @@ def outcome(function, *args, **kwargs) -> tuple[float, float] | str:
 
 
 def measure_family(name: str, out: Path) -> dict[tuple[str, str], tuple[float, float] | str]:
-    """Every cell of a family: (prompt type, head) -> (max |dlogit|, reach) or its error; HF models built once
-    per head."""
+    """Every cell of a family but the lm cells: (prompt type, head) -> (max |dlogit|, reach) or its error; HF models
+    built once per head."""
     family, pristine, gaps = FAMILIES[name], {}, {}
     for (prompt_type, head), reference_kind in family.cells.items():
+        if head == "lm":  # no logits: a loss over target tokens, measured by test_lm_matrix.measure_lm_family
+            continue
         key = head, prompt_type if family.deep_settings else "shallow"
         if key not in pristine:
             pristine[key] = hf_model(name, head, None, key[1])

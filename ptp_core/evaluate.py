@@ -7,12 +7,26 @@ import argparse
 import json
 
 from ptp_core import cli
-from ptp_core.checkpoint import load_checkpoint
+from ptp_core.checkpoint import Checkpoint, load_checkpoint
 from ptp_core.model.backbones import DTYPE_CHOICES, autocast, resolve_dtype
-from ptp_core.tasks.task import SPLITS
-from ptp_core.training.evaluation import EVAL_BATCH_SIZE, evaluate, generation_scores
+from ptp_core.tasks.load import is_classification_source, load_task
+from ptp_core.tasks.task import SPLITS, Task
+from ptp_core.training.evaluation import EVAL_BATCH_SIZE, check_targets, evaluate, generation_scores
 
 MAX_NEW_TOKENS = 32
+
+
+def checkpoint_task(checkpoint: Checkpoint, name: str | None) -> Task:
+    """The task to evaluate on: the checkpoint's own, or `name`; a generation prompt reads another file or dataset
+    with the columns it was trained on (its text fields and target field), so that its template still fits."""
+    if name and checkpoint.meta.get("generation") and name != checkpoint.meta.get("task"):
+        fields, target = tuple(checkpoint.meta.get("text_fields") or ("text",)), checkpoint.meta.get("target_field")
+        if is_classification_source(name):
+            raise ValueError(f"{checkpoint.path} writes the target texts of column {target!r} from column(s) "
+                             f"{','.join(fields)}, but task {name!r} has labels; evaluate it on a CSV/JSONL file or "
+                             "dataset with those columns")
+        return load_task(name, text_fields=fields, target_field=target)
+    return checkpoint.task(name)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.generate and not checkpoint.generation:
         raise ValueError(f"--generate needs a --head lm checkpoint; {args.checkpoint} has the "
                          f"{checkpoint.meta.get('head')} head, which writes no text")
-    task = checkpoint.task(args.task)
+    task = checkpoint_task(checkpoint, args.task)
     trained_on = checkpoint.meta.get("num_labels")
     if trained_on and trained_on != task.num_labels:
         raise ValueError(f"{args.checkpoint} was trained on {trained_on} labels but task "
@@ -48,8 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = checkpoint.build_model(cli.auto_device(args.device), cache_dir=cli.cache_dir(),
                                    num_labels=task.num_labels)
     dtype = resolve_dtype(args.dtype, model.device)
+    subset = task.splits[args.split].head(args.examples, whole_groups=True)  # EM: never cut through a question
+    check_targets(model, subset, args.split)
     with autocast(model.device, dtype):
-        subset = task.splits[args.split].head(args.examples, whole_groups=True)  # EM: never cut through a question
         result = evaluate(model, dict(model.params), subset, args.batch_size, task.metric, progress=args.progress)
         if args.generate:
             result.update(generation_scores(model, dict(model.params), subset, args.max_new_tokens, args.batch_size,

@@ -7,7 +7,9 @@ Runs land in OUT/<method>/seed<k>/; a run whose ptp.json says status "complete" 
 same command resumes an interrupted sweep. OUT/summary.csv and OUT/summary.md answer the PTP
 paper's question per method: test accuracy (mean, std, min, max over seeds), best validation
 accuracy, the seed spread of the validation-accuracy curve over training, and the mean and std of the
-task's own metric (CB macro-F1, MRPC F1, CoLA MCC, MultiRC F1a and EM) when it has one.
+task's own metric (CB macro-F1, MRPC F1, CoLA MCC, MultiRC F1a and EM) when it has one. A --head lm sweep also
+gives the test loss (the token-mean cross-entropy), and its accuracy is what its runs select on: rank
+classification on a classification task, token accuracy on a generation task; the summary names which.
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ from ptp_core.training.evaluation import COLLAPSE_TOLERANCE
 SUMMARY_COLUMNS = ("method", "runs", "test_accuracy_mean", "test_accuracy_std", "test_accuracy_min",
                    "test_accuracy_max", "best_validation_accuracy_mean", "best_validation_accuracy_std",
                    "validation_curve_seed_std_mean", "validation_curve_seed_std_final", "collapsed")
+# --head lm: which accuracy a run's test_accuracy and validation curve are, and the token-mean loss (nats, not %)
+LM_COLUMNS = ("accuracy_kind", "test_loss_mean", "test_loss_std")
+ACCURACY_NAMES = {"class": "acc", "rank": "rank acc", "token": "token acc"}
+ACCURACY_NOTES = {
+    "rank": "--head lm on a classification task: acc is rank classification (the label whose target text is most "
+            "likely); loss is the mean cross-entropy over the target tokens",
+    "token": "--head lm on a generation task: acc is the token accuracy (the greedy next token right, teacher-forced, "
+             "over all target tokens); loss is the mean cross-entropy over the target tokens",
+}
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -86,6 +97,21 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def accuracy_kind(meta: dict) -> str:
+    """What a run's accuracy is: "class" (a classifier or verbalizer), "rank" (--head lm on a classification task:
+    rank classification) or "token" (--head lm on a generation task: teacher-forced token accuracy)."""
+    metrics = meta.get("metrics", {})
+    if "test_accuracy" not in metrics and "test_token_accuracy" in metrics:
+        return "token"
+    return "rank" if meta.get("head") == "lm" else "class"
+
+
+def test_accuracy(meta: dict) -> float:
+    """The test accuracy of the kind the run selected on (accuracy_kind)."""
+    metrics = meta["metrics"]
+    return metrics["test_token_accuracy"] if accuracy_kind(meta) == "token" else metrics["test_accuracy"]
+
+
 def validation_curve(meta: dict) -> dict[int, float]:
     """{step: validation accuracy} from a run's log."""
     return {row["step"]: row["validation_accuracy"] for row in meta.get("log", []) if "validation_accuracy" in row}
@@ -99,7 +125,7 @@ def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
                  if m is not None and m.get("status") == "complete"]
         row = {"method": method, "runs": len(metas)}
         if metas:
-            test = [m["metrics"]["test_accuracy"] for m in metas]
+            test = [test_accuracy(m) for m in metas]
             valid = [m["metrics"]["best_validation_accuracy"] for m in metas  # None: a run that used no validation
                      if m["metrics"]["best_validation_accuracy"] is not None]
             curves = [validation_curve(m) for m in metas]
@@ -113,8 +139,18 @@ def summarize_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
                        validation_curve_seed_std_mean=statistics.fmean(spread) if spread else math.nan,
                        validation_curve_seed_std_final=spread[-1] if spread else math.nan)
         rows.append({**{k: row.get(k, 0 if k == "collapsed" else math.nan) for k in SUMMARY_COLUMNS},
-                     **task_metric_summary(metas)})
+                     **lm_summary(metas), **task_metric_summary(metas)})
     return rows
+
+
+def lm_summary(metas: list[dict]) -> dict:
+    """--head lm runs: their accuracy_kind, the test loss's mean and std (ddof=1) over runs, and collapsed None (a
+    token loss has no label prior to compare with: not measured). Other runs: {}."""
+    if not metas or metas[0].get("head") != "lm":
+        return {}
+    losses = [m["metrics"]["test_loss"] for m in metas]
+    return {"collapsed": None, "accuracy_kind": accuracy_kind(metas[0]), "test_loss_mean": statistics.fmean(losses),
+            "test_loss_std": _std(losses)}
 
 
 def task_metric_summary(metas: list[dict]) -> dict[str, float]:
@@ -141,22 +177,40 @@ def collapsed_runs(out: str | Path, methods: list[str], seeds: list[int]) -> lis
 
 
 def summary_markdown(rows: list[dict], collapsed: list[str] = ()) -> str:
-    """The summary as a markdown table (accuracies in %, std over seeds with ddof=1), then the collapsed runs."""
-    def pct(value):
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    """The summary as a markdown table (accuracies in %, losses in nats, std over seeds with ddof=1), then what the
+    accuracy is (--head lm) and the collapsed runs."""
+    def missing(value):
+        return value is None or (isinstance(value, float) and math.isnan(value))
 
-    extra = summary_columns(rows)[len(SUMMARY_COLUMNS):]  # the task's metric: test_f1_mean, test_f1_std, ...
+    def cell(key, value):
+        if missing(value):
+            return "n/a"
+        return f"{value:.4f}" if key.startswith("test_loss") else f"{100 * value:.2f}"
+
+    kinds = [r["accuracy_kind"] for r in rows if isinstance(r.get("accuracy_kind"), str)]
+    kind = kinds[0] if kinds else "class"
+    acc = ACCURACY_NAMES[kind]
+    extra = [k for k in summary_columns(rows)[len(SUMMARY_COLUMNS):] if k != "accuracy_kind"]  # loss, task metric
     names = [k.removeprefix("test_").replace("_mean", " mean").replace("_std", " std") for k in extra]
-    lines = ["| method | runs | test acc mean | std | min | max | best val acc mean | std | "
+    lines = [f"| method | runs | test {acc} mean | std | min | max | best val {acc} mean | std | "
              "val-curve seed std (mean over steps) | (final) | collapsed to the constant predictor |"
              + "".join(f" test {name} |" for name in names),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(pct(r[k]) for k in SUMMARY_COLUMNS[2:-1])
-                     + f" | {r['collapsed']} |" + "".join(f" {pct(r.get(k))} |" for k in extra))
-    lines += ["", f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
-                  f"the label prior's entropy): {sum(r['collapsed'] for r in rows)} of {sum(r['runs'] for r in rows)} "
-                  "runs" + (f": {', '.join(collapsed)}." if collapsed else ".")]
+        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(cell(k, r[k]) for k in SUMMARY_COLUMNS[2:-1])
+                     + f" | {'n/a' if missing(r['collapsed']) else r['collapsed']} |"
+                     + "".join(f" {cell(k, r.get(k))} |" for k in extra))
+    lines.append("")
+    if kind in ACCURACY_NOTES:
+        lines.append(ACCURACY_NOTES[kind] + ".")
+    measured = [r for r in rows if not missing(r["collapsed"])]
+    if len(measured) < len(rows):
+        lines.append("Collapse to the constant predictor is not measured for --head lm (a token loss has no label "
+                     "prior to compare with).")
+    if measured:
+        lines.append(f"Collapsed to the constant predictor (last validation loss within {COLLAPSE_TOLERANCE} nats of "
+                     f"the label prior's entropy): {sum(r['collapsed'] for r in measured)} of "
+                     f"{sum(r['runs'] for r in measured)} runs" + (f": {', '.join(collapsed)}." if collapsed else "."))
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(summary_markdown(rows, collapsed), end="")
         print(f"wrote {csv_path} and {md_path} ({time.time() - started:.0f} s)")
         if collapsed:
-            runs = sum(row["runs"] for row in rows)
+            runs = sum(row["runs"] for row in rows if row["collapsed"] is not None)
             print(f"warning: {len(collapsed)} of {runs} runs learned nothing (collapsed to the constant predictor: "
                   f"{', '.join(collapsed)}); see the collapsed column of {csv_path}; try other seeds, a lower --lr, "
                   "more --steps or, for ptp-*, a longer --reg-warmup", file=sys.stderr)

@@ -25,10 +25,11 @@ from ptp_core.model.prefix import PROMPT_TYPES
 from ptp_core.model.projection import Identity, PrefixProjection, Reparameterization
 from ptp_core.model.prompt_model import PROMPT_INITS, PromptModel
 from ptp_core.tasks.load import load_task
-from ptp_core.tasks.task import Task, check_causal_template
-from ptp_core.training.config import (METHODS, PROMPT_LR, SELECTION_NOTES, SELECTIONS, TRAIN_DTYPES, TrainConfig,
-                                      schedule_note)
-from ptp_core.training.evaluation import collapse_warning, collapsed, evaluate, label_prior_entropy
+from ptp_core.tasks.task import Split, Task, check_causal_template
+from ptp_core.training.config import (METHODS, PROMPT_LR, SELECTIONS, TRAIN_DTYPES, TrainConfig, schedule_note,
+                                      selection_note)
+from ptp_core.training.evaluation import (check_targets, collapse_warning, collapsed, evaluate, label_prior_entropy,
+                                          selection_metric)
 from ptp_core.training.loop import FitResult, fit_prompt
 from ptp_core.training.perturb import BALL_NORMS, NOISES, REPLACEMENTS, TARGETS, PerturbConfig
 from ptp_core.training.reporting import REPORT_TO, TrainingReport
@@ -77,7 +78,7 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
     # a classifier's loss reads no label words; only a prompt initialised from them used them
     words = {"label_words": model.label_words} if config.head != "classifier" or config.prompt_init == "label_words" \
         else {}
-    if task.generation:
+    if task.generation:  # the targets are the examples' own texts, from the target_field column
         words = {"generation": True}
     else:
         settings.pop("target_field")
@@ -90,10 +91,20 @@ def run_meta(config: TrainConfig, model: PromptModel, task: Task, result: FitRes
         "status": result.status,
         "metrics": {**{f"test_{key}": value for key, value in test.items()},  # loss, accuracy, n, the task's metric
                     "best_validation_accuracy": result.best_accuracy, "best_step": result.best_step,
+                    "selection_metric": selection_metric(test),
                     "label_prior_entropy": prior_entropy, "collapsed": collapsed(result.log, prior_entropy),
                     "seconds": round(seconds, 1)},
         "log": result.log, "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def used_splits(config: TrainConfig, task: Task) -> dict[str, Split]:
+    """What a run reads of each split: all of train, the validation subset it selects on (none with selection
+    "last"), the test subset it reports."""
+    used = {"train": task.splits["train"], "test": task.splits["test"].head(config.test_examples, whole_groups=True)}
+    if config.selection == "validation":
+        used["validation"] = task.splits["validation"].head(config.eval_examples)
+    return used
 
 
 def initial_params(config: TrainConfig, model: PromptModel, generator: torch.Generator
@@ -119,11 +130,15 @@ def train(config: TrainConfig) -> Path:
     task = load_task(config.task, config.label_words, config.template, None, config.text_fields, config.train_examples,
                      config.target_field)
     if task.generation and config.head != "lm":
-        raise ValueError(f"task {config.task!r} is a generation task (target texts), which --head lm learns")
-    task = replace(task, split_info={**task.split_info, "selection": SELECTION_NOTES[config.selection]})
+        raise ValueError(f"task {config.task!r} is a generation task (target texts), which only --head lm learns; "
+                         f"add --head lm (got --head {config.head})")
+    note = selection_note(config.selection, config.head, task.generation)
+    task = replace(task, split_info={**task.split_info, "selection": note})
     device = resolve_device(config.device)
     compute_dtype = resolve_dtype(config.dtype, device)  # the matmul dtype under autocast; weights stay float32
     model = build_prompt_model(config, task, device)
+    for name, split in used_splits(config, task).items():  # a target too long is refused now, not after training
+        check_targets(model, split, name)
     trainable, reparam = initial_params(config, model, generator)
     prior_entropy = (None if config.head == "lm"  # a token loss: no class prior is the constant predictor's
                      else label_prior_entropy(task.splits["train"].labels, task.num_labels))
@@ -131,8 +146,7 @@ def train(config: TrainConfig) -> Path:
         result = fit_prompt(model, trainable, task, config, generator, noise_generator, compute_dtype, prior_entropy,
                             report.log, reparam)
         with autocast(device, compute_dtype):
-            test = evaluate(model, result.params, task.splits["test"].head(config.test_examples, whole_groups=True),
-                            metric=task.metric)
+            test = evaluate(model, result.params, used_splits(config, task)["test"], metric=task.metric)
         meta = run_meta(config, model, task, result, test, prior_entropy, device, compute_dtype, time.time() - started)
         with report.saving(out) as folder:  # the checkpoint folder, event files inside, published as a whole
             save_checkpoint(folder, result.params, meta, result.trajectory, model.backbone.config, log=result.log)

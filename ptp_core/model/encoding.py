@@ -157,7 +157,7 @@ def batch_split(model, split: Split, batch_size: int, by_length: bool = False, r
     adds a row per label word for rank classification (a classification task).
     """
     if by_length:
-        encoded = model.encode(split.texts)
+        encoded = model.encode(split.texts, split.labels)  # --head lm writes a classification label as text
         lengths = encoded.attention_mask.sum(1).reshape(len(split), -1).amax(1).tolist()  # (N,) longest row each
         ranked = sorted(range(len(split)), key=lambda i: (lengths[i], i))
         order = [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]

@@ -92,7 +92,9 @@ def _check_columns(name: str, rows: list[dict], text_fields: tuple[str, ...]) ->
         missing = [column for column in (*(() if has_labels else ("label",)), *text_fields) if column not in row]
         if missing:
             raise ValueError(f"task file {name!r} has no {', '.join(missing)} column; it has {sorted(row)}, it "
-                             f"needs {','.join(text_fields)},label[,split] (--text-fields names the text columns)")
+                             f"needs {','.join(text_fields)},label[,split] (--text-fields names the text columns"
+                             + ("; target texts instead of labels: --head lm --target-field COLUMN)"
+                                if "label" in missing else ")"))
 
 
 HIDDEN_LABEL = "-1"  # the label of a split whose labels are hidden (GLUE-style test files; `datasets`' ClassLabel)
@@ -129,14 +131,17 @@ def generation_rows(name: str, rows: list[dict], text_fields: tuple[str, ...], t
     an optional `split` column as in from_rows. A row without a target, or with an empty one, is refused."""
     if not rows:
         raise ValueError(f"task {name!r} is empty; give a file with a header and at least one row per split")
+    if target_field in text_fields:  # the model would read the text it learns to write
+        raise ValueError(f"--target-field {target_field} is also one of --text-fields {','.join(text_fields)}; the "
+                         "input must not hold its own target: name other input columns")
     for i, row in enumerate(rows):
         missing = [column for column in (*text_fields, target_field) if column not in row]
         if missing:
-            raise ValueError(f"task {source or name}: row {i} has no {', '.join(missing)} column; it has {sorted(row)} "
-                             f"(--text-fields names the input columns, --target-field the target's)")
+            raise ValueError(f"task {source or name}: {_row_name(rows, i)} has no {', '.join(missing)} column; it has "
+                             f"{sorted(row)} (--text-fields names the input columns, --target-field the target's)")
         if row[target_field] is None or not str(row[target_field]).strip():
-            raise ValueError(f"task {source or name}: row {i} has an empty {target_field!r}; every example needs a "
-                             "target text to learn")
+            raise ValueError(f"task {source or name}: {_row_name(rows, i)} has an empty {target_field!r}; every "
+                             "example needs a target text to learn")
     texts = [{**{f: str(r[f]) for f in text_fields}, TARGET: str(r[target_field])} for r in rows]
     labels = [NO_LABEL] * len(rows)
     by_split = "split" in rows[0] and all(r.get("split") for r in rows)
@@ -153,6 +158,12 @@ def generation_rows(name: str, rows: list[dict], text_fields: tuple[str, ...], t
     info["target_field"] = target_field
     return Task(name, [], [], splits, template or default_template(text_fields, generation=True), source, text_fields,
                 split_info=info, generation=True)
+
+
+def _row_name(rows: list[dict], i: int) -> str:
+    """Row i as a person finds it: counted from 1 (after a CSV's header), of all rows, with its split if any."""
+    split = rows[i].get("split")
+    return f"row {i + 1} of {len(rows)}" + (f" ({split})" if split else "")
 
 
 def from_rows(name: str, rows: list[dict], label_names: list[str] | None = None,
@@ -221,12 +232,17 @@ def _check_cut(name: str, source: str, splits: dict[str, Split], by_split: bool)
                          "with train, validation and test rows")
 
 
+def is_classification_source(name_or_path: str) -> bool:
+    """True for the tasks that bring their own labels and fields: rotten_tomatoes, a benchmark by name or folder."""
+    return name_or_path == "rotten_tomatoes" or Path(name_or_path).is_dir() or is_benchmark_name(name_or_path)
+
+
 def _read_task(name_or_path: str, label_names: list[str] | None, text_fields: tuple[str, ...],
                train_examples: int | None = None, target_field: str | None = None) -> Task:
     """The task with its splits; train_examples: a benchmark's few-shot splits (benchmark_task), elsewhere a seeded
     subset of the train split (few_shot); target_field: a file's or dataset's generation task (generation_rows)."""
     path = Path(name_or_path)
-    builtin = name_or_path == "rotten_tomatoes" or path.is_dir() or is_benchmark_name(name_or_path)
+    builtin = is_classification_source(name_or_path)
     if target_field is not None and builtin:
         raise ValueError(f"--target-field names a column of a CSV/JSONL file or dataset; task {name_or_path!r} is "
                          "a classification task: with --head lm its label names (or --label-words) are the targets, "

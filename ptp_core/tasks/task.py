@@ -147,11 +147,12 @@ def check_template(template: str, fields: tuple[str, ...], choices: int = 0) -> 
 
 
 def check_causal_template(template: str) -> None:
-    """A causal LM reads the label word as the token after the text, so no field may follow {mask}."""
+    """A causal LM reads the label word (--head lm: the target) after the text, so no field may follow {mask}."""
     late = SLOT.findall(template.partition("{mask}")[2])
     if "{mask}" in template and late:
         raise ValueError(f"template {template!r} places {{{late[0]}}} after {{mask}}, which a causal LM never reads "
-                         "(it predicts the label word as the next token); put {mask} last, every field before it")
+                         "(it writes the label word or --head lm's target after the text); put {mask} last, every "
+                         "field before it")
 
 
 def _fits(example, fields: tuple[str, ...], choices: int, generation: bool = False) -> bool:

@@ -16,7 +16,7 @@ METHODS = ("pt", "ptp-rn", "ptp-adv")  # vanilla; PTP with random or adversarial
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling inside every PTP ascent step
 # which step is saved: the best on validation accuracy, or the last (PET's few-shot protocol uses no dev set)
 SELECTIONS = ("validation", "last")
-SELECTION_NOTES = {"validation": "the step with the best validation accuracy is saved",
+SELECTION_NOTES = {"validation": "the step with the best validation {accuracy} is saved",
                    "last": "no validation split is used; the last step is saved (PET's no-dev protocol)"}
 
 
@@ -86,7 +86,8 @@ class TrainConfig:
         if self.head == "auto":
             self.head = default_head(self.model)
         if self.target_field is not None and self.head != "lm":
-            raise ValueError(f"--target-field makes a generation task, which --head lm learns; got --head {self.head}")
+            raise ValueError(f"--target-field makes a generation task, which only --head lm learns; add --head lm "
+                             f"(got --head {self.head})")
         if self.lr is None:
             self.lr = PROMPT_LR.get(self.head, PROMPT_LR["classifier"])
         for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
@@ -110,6 +111,13 @@ class TrainConfig:
         if self.method != "pt" and self.perturb.reg_warmup >= self.steps:
             self.reg_schedule_requested = [self.perturb.reg_warmup, self.perturb.reg_ramp]
             self.perturb = scaled_schedule(self.perturb, self.steps)
+
+
+def selection_note(selection: str, head: str, generation: bool) -> str:
+    """split_info's line on which step is saved, naming the accuracy selected on: --head lm's rank classification
+    (a classification task) or token accuracy (a generation task)."""
+    accuracy = "token accuracy" if generation else "rank-classification accuracy" if head == "lm" else "accuracy"
+    return SELECTION_NOTES[selection].format(accuracy=accuracy)
 
 
 def scaled_schedule(perturb: PerturbConfig, steps: int) -> PerturbConfig:

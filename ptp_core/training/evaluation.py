@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ptp_core.model import lm
 from ptp_core.model.encoding import Batch, batch_split, target_counts
 from ptp_core.model.prompt_model import PromptModel, cross_entropy
+from ptp_core.model.templates import lm_row
 from ptp_core.tasks.metrics import generation_metrics, normalize_answer, task_metrics
 from ptp_core.tasks.task import TARGET, Split
 
@@ -91,10 +92,37 @@ def generation_scores(model: PromptModel, params: dict[str, Tensor], split: Spli
     return {**scores, "max_new_tokens": max_new_tokens, "examples_written": written[:3]}
 
 
+def selection_metric(result: dict) -> str:
+    """The key of an evaluation result that model selection maximizes: accuracy (--head lm on a classification
+    task: by rank), a generation task's token_accuracy."""
+    return "accuracy" if "accuracy" in result else "token_accuracy"
+
+
 def selection_score(result: dict) -> float:
-    """What model selection maximizes: accuracy (--head lm on a classification task: by rank), a generation task's
-    token accuracy."""
-    return result["accuracy"] if "accuracy" in result else result["token_accuracy"]
+    """What model selection maximizes (selection_metric)."""
+    return result[selection_metric(result)]
+
+
+def check_targets(model: PromptModel, split: Split, name: str) -> None:
+    """--head lm: refuse, before anything is trained or scored, a target that leaves its input no room within the
+    model's max_length. A generation task's examples are each encoded once, as their batch will encode them, and a
+    refusal names the example (`name` example i, i counted from 0 in the split's stored order, as --examples counts);
+    a classification task's targets are its label words, each encoded once with the first example. Other heads
+    pass."""
+    if model.head != "lm" or not len(split):
+        return
+    if model.label_words:  # the same targets for every example
+        for word in model.label_words:
+            try:
+                lm_row(model.tokenizer, split.texts[0], word, model.template, model.kind, model.max_length)
+            except ValueError as error:
+                raise ValueError(f"target {word!r} (a label word) after {name} example 0: {error}") from None
+        return
+    for i, example in enumerate(split.texts):
+        try:
+            lm_row(model.tokenizer, example, str(example[TARGET]), model.template, model.kind, model.max_length)
+        except ValueError as error:
+            raise ValueError(f"{name} example {i} (counted from 0): {error}") from None
 
 
 COLLAPSE_TOLERANCE = 0.01  # nats: a validation loss this close to the label prior's entropy is a constant predictor

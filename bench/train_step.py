@@ -2,6 +2,7 @@
 a deep prompt's step against the shallow one and against PEFT's prefix tuning.
 
     python bench/train_step.py [--models minilm,smollm2] [--repeats 5] [--steps 2]
+    python bench/train_step.py --models smollm2 --head lm --variants pt,peft,trainer-pt   # the LM row
 
 Same backbone weights and the same batch for every variant; one step is zero_grad, the method's
 gradients, gradient clipping and an AdamW step, as in the trainer. PEFT is prompt tuning with
@@ -14,6 +15,10 @@ with the label words), dropout off as in our loop; its step is Trainer's trainin
 backward), gradient clipping and an AdamW step, as Trainer's loop takes them (no data loader or callbacks).
 The deep prompt (prompt_type="deep", the same length) trains pt in our loop on the same backbone; PEFT's prefix
 tuning runs only where PEFT runs it, CAUSAL_LM (smollm2), in the same loop as PEFT's prompt tuning.
+--head lm (smollm2): rotten_tomatoes as text-to-text, the label names as targets after the cloze; our step is the
+--head lm loss (the LM head run only at the positions that predict a target token), PEFT's is CAUSAL_LM prompt
+tuning on `labels` (input + target in input_ids, -100 on the input), as its guide trains it: its forward computes
+full-vocabulary logits at every position and HF's labels loss. PTPTrainer gets the same labels.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from ptp_core.model.prompt_model import PromptModel
 from ptp_core.tasks.load import load_task
 from ptp_core.training.perturb import PerturbConfig, ptp_gradients
 
-HEADS = {"minilm": "classifier", "smollm2": "verbalizer"}
+HEADS = {"minilm": "classifier", "smollm2": "verbalizer"}  # each model's default; --head lm for smollm2
+IGNORE = -100  # HF's ignore_index: a label that is not scored
 VARIANTS = {"pt": "pt", "rn": "ptp-rn (input)", "adv1": "ptp-adv K=1 (input)", "adv3": "ptp-adv K=3 (input)",
             "free3": "ptp-adv K=3 FreeLB", "peft": "PEFT prompt tuning", "trainer-pt": "PTPTrainer pt",
             "trainer-rn": "PTPTrainer ptp-rn (input)", "trainer-adv1": "PTPTrainer ptp-adv K=1 (input)",
@@ -73,6 +79,12 @@ def ours(model: PromptModel, batch, method: str, config: PerturbConfig, prompt_l
     return step
 
 
+def hf_labels(batch) -> torch.Tensor:
+    """(B, T) labels as PEFT's causal guide builds them, aligned with input_ids (HF shifts them by one): our
+    target_ids hold at position t the token that t predicts, i.e. the label of position t + 1."""
+    return torch.cat([torch.full_like(batch.target_ids[:, :1], IGNORE), batch.target_ids[:, :-1]], dim=1)
+
+
 def peft_step(name: str, head: str, batch, label_ids: torch.Tensor, prompt_length: int):
     """A step function for PEFT prompt tuning on a fresh copy of the backbone, same loop."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
@@ -83,11 +95,14 @@ def peft_step(name: str, head: str, batch, label_ids: torch.Tensor, prompt_lengt
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     rows = torch.arange(len(batch))
+    labels = hf_labels(batch) if head == "lm" else None
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         if head == "classifier":
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        elif head == "lm":  # full-vocabulary logits at every position and HF's labels loss, as PEFT computes it
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
         else:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, P+T, V)
             picked = logits[rows, prompt_length + batch.answer_index][:, label_ids]  # (B, C)
@@ -98,21 +113,25 @@ def peft_step(name: str, head: str, batch, label_ids: torch.Tensor, prompt_lengt
     return step
 
 
-def peft_prefix_step(name: str, batch, label_ids: torch.Tensor, prompt_length: int):
+def peft_prefix_step(name: str, head: str, batch, label_ids: torch.Tensor, prompt_length: int):
     """A step function for PEFT's CAUSAL_LM prefix tuning on a fresh copy of the backbone, same loop: the prefix is
-    a cache before the text, so the label words are read at the answer position itself."""
+    a cache before the text, so the label words are read at the answer position itself (--head lm: labels)."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    model = get_peft_model(load_backbone(name, "verbalizer", 2).model,
+    model = get_peft_model(load_backbone(name, head, 2).model,
                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt_length))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     rows = torch.arange(len(batch))
+    labels = hf_labels(batch) if head == "lm" else None
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[rows, batch.answer_index][:, label_ids].float(), batch.labels)
+        if head == "lm":
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+            loss = F.cross_entropy(logits[rows, batch.answer_index][:, label_ids].float(), batch.labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -140,7 +159,8 @@ def trainer_step(name: str, head: str, batch, method: str, config: PerturbConfig
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before its steps
     trainable = [p for p in model.parameters() if p.requires_grad]
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+    labels = hf_labels(batch) if head == "lm" else batch.labels
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
     if batch.token_type_ids is not None:
         inputs["token_type_ids"] = batch.token_type_ids
 
@@ -167,20 +187,22 @@ def measure(steps: dict, repeats: int, per_repeat: int) -> dict[str, float]:
 
 
 def bench_model(name: str, batch_size: int, max_length: int, prompt_length: int, repeats: int, per_repeat: int,
-                variants: list[str]):
-    """Median seconds per step of each chosen variant on one model, the same batch for all."""
-    head = HEADS[name]
+                variants: list[str], head: str | None = None):
+    """Median seconds per step of each chosen variant on one model, the same batch for all (head: the model's
+    default from HEADS, or lm: the label names as target texts)."""
+    head = head or HEADS[name]
     task = load_task("rotten_tomatoes")
     backbone = load_backbone(name, head, task.num_labels)
-    template = task.template if head == "verbalizer" else "{text}"
-    model = PromptModel(backbone, head, task.num_labels, task.label_words, template, max_length)
+    template = task.template if head in ("verbalizer", "lm") else "{text}"
+    words = task.label_names if head == "lm" else task.label_words  # lm: the label names, as train.py's targets
+    model = PromptModel(backbone, head, task.num_labels, words, template, max_length)
     train = task.splits["train"]
     batch = model.encode(train.texts[:batch_size], train.labels[:batch_size])
     base = PerturbConfig(target="input")
-    deep = PromptModel(backbone, head, task.num_labels, task.label_words, template, max_length, prompt_type="deep")
+    deep = PromptModel(backbone, head, task.num_labels, words, template, max_length, prompt_type="deep")
     makers = {
         "deep": lambda: ours(deep, batch, "pt", base, prompt_length),
-        "peft-prefix": lambda: peft_prefix_step(name, batch, model.label_ids, prompt_length),
+        "peft-prefix": lambda: peft_prefix_step(name, head, batch, model.label_ids, prompt_length),
         "pt": lambda: ours(model, batch, "pt", base, prompt_length),
         "rn": lambda: ours(model, batch, "ptp-rn", base, prompt_length),
         "adv1": lambda: ours(model, batch, "ptp-adv", replace(base, adv_steps=1), prompt_length),
@@ -192,7 +214,7 @@ def bench_model(name: str, batch_size: int, max_length: int, prompt_length: int,
         "trainer-adv1": lambda: trainer_step(name, head, batch, "ptp-adv", replace(base, adv_steps=1), prompt_length,
                                              task.label_words),
     }
-    if head != "verbalizer":  # PEFT's SEQ_CLS prefix tuning does not run on transformers 5
+    if head == "classifier":  # PEFT's SEQ_CLS prefix tuning does not run on transformers 5
         variants = [v for v in variants if v != "peft-prefix"]
     chosen = dict.fromkeys(["pt", *variants, *[OURS_OF[v] for v in variants if v in OURS_OF]])  # ordered, unique
     steps = {VARIANTS[k]: makers[k]() for k in chosen}
@@ -205,6 +227,9 @@ def goal(variant: str, seconds: dict[str, float], head: str) -> str:
     ratio = seconds[variant] / seconds["pt"]
     if variant in STEP_GOALS:
         return f"<= {STEP_GOALS[variant]}: {'met' if ratio <= STEP_GOALS[variant] else 'MISSED'}"
+    if variant.startswith("PEFT prompt") and head == "lm":
+        to_ours = seconds["pt"] / seconds[variant]
+        return f"our pt {to_ours:.2f}x this, <= 1.0: {'met' if to_ours <= 1.0 else 'MISSED'}"
     if variant.startswith("PEFT prompt"):
         wanted = "> 1 (verbalizer)" if head == "verbalizer" else ">= 1"
         met = ratio > 1 if head == "verbalizer" else ratio >= 0.97  # 3%: timing noise
@@ -229,6 +254,8 @@ def main() -> None:
     p.add_argument("--models", default="minilm,smollm2")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"from {','.join(VARIANTS)}; pt always runs, and each trainer-* with our step of its method")
+    p.add_argument("--head", default=None, choices=("classifier", "verbalizer", "lm"),
+                   help="default: classifier for minilm, verbalizer for smollm2; lm: the LM row (smollm2)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 for minilm, 8 for smollm2")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=20)
@@ -248,7 +275,7 @@ def main() -> None:
     for name in args.models.split(","):
         batch_size = args.batch_size or (32 if name == "minilm" else 8)
         head, shape, seconds = bench_model(name, batch_size, args.max_length, args.prompt_len, args.repeats,
-                                           args.steps, args.variants.split(","))
+                                           args.steps, args.variants.split(","), args.head)
         for variant, value in seconds.items():
             print(f"| {name} ({head}) | {shape} | {variant} | {1000 * value:.0f} | {value / seconds['pt']:.2f} | "
                   f"{goal(variant, seconds, head)} |", flush=True)

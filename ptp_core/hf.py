@@ -6,6 +6,8 @@
 
 Both run the PEFT model's own frozen base model (nothing is copied) through PromptModel's one loss, with the
 virtual tokens PEFT's prompt encoder produces and the head copy PEFT trains (modules_to_save) substituted.
+A CAUSAL_LM or SEQ_2_SEQ_LM model trained on `labels`, as in PEFT's prompt-tuning guides, is our --head lm
+(lm_batch_from_inputs maps the guides' batches onto ours); with label_words it is the verbalizer.
 PTPTrainer's loss is ptp_core.training.perturb.ptp_loss: the clean pass and the one perturbed_loss our own loop
 differentiates (ptp_gradients), so Trainer's backward, gradient accumulation and loss scaling act on exactly our
 objective.
@@ -22,12 +24,14 @@ from transformers import Trainer
 from ptp_core.model.backbones import Backbone, model_kind
 from ptp_core.model.encoding import Batch
 from ptp_core.model.prompt_model import PromptModel, cross_entropy
-from ptp_core.tasks.task import DEFAULT_TEMPLATE
+from ptp_core.model.templates import IGNORE
+from ptp_core.tasks.task import DEFAULT_TEMPLATE, NO_LABEL
 from ptp_core.training.config import METHODS
 from ptp_core.training.noise import ExampleNoise, example_noise, keyed_generator
 from ptp_core.training.perturb import PerturbConfig, ptp_loss
 
-HEAD_BY_TASK_TYPE = {"SEQ_CLS": "classifier", "CAUSAL_LM": "verbalizer", "SEQ_2_SEQ_LM": "verbalizer"}
+LM_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")  # trained on labels (--head lm), or with label words (verbalizer)
+HEADS = ("classifier", "verbalizer", "lm")
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # PREFIX_TUNING: our deep prompt
 EXAMPLE_ID = "example_id"  # an optional dataset column that keys each example's noise (example_keys)
 
@@ -35,6 +39,16 @@ EXAMPLE_ID = "example_id"  # an optional dataset column that keys each example's
 def _peft_type(config) -> str:
     """PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ... (PEFT's enum or its string)."""
     return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+def default_head(task_type: str, label_words: list[str] | None) -> str | None:
+    """SEQ_CLS: classifier; CAUSAL_LM and SEQ_2_SEQ_LM: verbalizer with label words, else lm (PEFT's labels loss,
+    what its guides train); None for another task type."""
+    if task_type == "SEQ_CLS":
+        return "classifier"
+    if task_type in LM_TASK_TYPES:
+        return "verbalizer" if label_words else "lm"
+    return None
 
 
 def peft_prompt(peft_model: nn.Module) -> Tensor:
@@ -80,16 +94,17 @@ def prompt_model(peft_model: nn.Module, tokenizer, head: str | None = None, labe
     """Our PromptModel around a PeftModel's frozen base model (the head: PEFT's trained copy), holding no params."""
     config = peft_model.active_peft_config
     task_type = str(getattr(config.task_type, "value", config.task_type))
-    head = head or HEAD_BY_TASK_TYPE.get(task_type)
-    if head not in ("classifier", "verbalizer"):
-        raise ValueError(f"cannot tell the head of a PEFT {task_type} model; pass head='classifier' or 'verbalizer'")
+    head = head or default_head(task_type, label_words)
+    if head not in HEADS:
+        raise ValueError(f"cannot tell the head of a PEFT {task_type} model; pass head='classifier', 'verbalizer' "
+                         "or 'lm'")
     if head == "verbalizer" and not label_words:
         raise ValueError("a verbalizer head needs label_words=[...], one word per class")
     task_model = _trained_task_model(peft_model)
     name = getattr(task_model.config, "_name_or_path", "") or str(config.base_model_name_or_path)
     backbone = Backbone(task_model, tokenizer, model_kind(task_model.config), name, name)
-    num_labels = task_model.config.num_labels if head == "classifier" else len(label_words)
-    default_template = DEFAULT_TEMPLATE if head == "verbalizer" else "{text}"
+    num_labels = task_model.config.num_labels if head == "classifier" else len(label_words or ())
+    default_template = DEFAULT_TEMPLATE if head == "verbalizer" else "{text}"  # lm: the target follows the text
     prompt_type = "deep" if _peft_type(config) == "PREFIX_TUNING" else "shallow"
     return PromptModel(backbone, head, num_labels, label_words, template or default_template, max_length,
                        prompt_type=prompt_type)
@@ -106,10 +121,12 @@ def from_peft(peft_model: nn.Module, tokenizer, *, head: str | None = None, labe
               template: str | None = None, max_length: int = 128) -> tuple[PromptModel, dict[str, Tensor]]:
     """Our PromptModel and its params from an in-memory PeftModel: PEFT's logits, our loss, landscapes, metrics.
 
-    head: default from PEFT's task_type (SEQ_CLS: classifier; CAUSAL_LM, SEQ_2_SEQ_LM: verbalizer, which needs
-    label_words). params: "prompt" (P, D) and, for a classifier, the trained head under HF's names, detached copies
-    (the returned model holds them as its defaults). For P-tuning (PromptEncoderConfig) the prompt is the encoder's output
-    computed once: landscapes then move that output, not the encoder's MLP or LSTM weights.
+    head: default from PEFT's task_type (default_head: SEQ_CLS: classifier; CAUSAL_LM, SEQ_2_SEQ_LM: verbalizer when
+    label_words are given, else lm, PEFT's labels loss over target tokens; template then puts the input text
+    before the target, "{text}" by default). params: "prompt" (P, D) and, for a classifier, the trained head under
+    HF's names, detached copies (the returned model holds them as its defaults). For P-tuning (PromptEncoderConfig)
+    the prompt is the encoder's output computed once: landscapes then move that output, not the encoder's MLP or
+    LSTM weights.
 
     Puts peft_model in eval mode (Trainer leaves it in train mode): with dropout on, two evaluations of the same
     params differ, and surfaces, Lanczos and every metric need one loss function. Trainer's next train() turns
@@ -122,17 +139,21 @@ def from_peft(peft_model: nn.Module, tokenizer, *, head: str | None = None, labe
     return model.with_params(params), params
 
 
-def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor]) -> Batch:
-    """Our Batch from a Trainer's tokenized inputs (input_ids, attention_mask, token_type_ids, labels (B,)).
+def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor], token_scale: float | None = None) -> Batch:
+    """Our Batch from a Trainer's tokenized inputs (input_ids, attention_mask, token_type_ids, labels (B,); --head lm:
+    labels (B, T) or (B, Tc), lm_batch_from_inputs, whose token_scale this passes on).
 
     The text mask (what input and text perturbations touch) is every attended non-special token: a template
     baked into the user's tokenization is text here. The verbalizer reads at the mask token (masked LM) or at the
     last attended token (causal LM), as PromptModel.encode places it.
     """
+    if model.head == "lm":
+        return lm_batch_from_inputs(model, inputs, token_scale)
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     if labels.dim() != 1:
-        raise ValueError(f"PTPTrainer needs one class index per example (labels of shape (B,)), got labels of "
-                         f"shape {tuple(labels.shape)}; map LM targets to class indices and pass label_words")
+        raise ValueError(f"the {model.head} head needs one class index per example (labels of shape (B,)), got "
+                         f"labels of shape {tuple(labels.shape)}; drop label_words to train on token labels "
+                         "(--head lm, PEFT's labels loss)")
     attention = inputs.get("attention_mask")
     attention = torch.ones_like(input_ids) if attention is None else attention
     special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
@@ -147,6 +168,59 @@ def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor]) -> Batch:
     else:
         answer = (attention * positions).amax(1)  # (B,) the last attended token
     return Batch(input_ids, attention, text_mask, answer, labels, inputs.get("token_type_ids"))
+
+
+def lm_batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor], token_scale: float | None = None) -> Batch:
+    """Our --head lm Batch from the inputs of PEFT's prompt-tuning guides, whose loss is HF's `labels` loss.
+
+    Causal LM: input_ids hold the input and then the target, labels (B, T) the target's tokens and -100 elsewhere;
+    HF scores labels[:, t + 1] at position t, so target_ids (the token each position predicts) are labels shifted by
+    one. Seq2seq: input_ids are the encoder's input and labels (B, Tc) the decoder's targets, which HF's forward
+    shifts right into the decoder's input (-100 as pad), as PromptModel's lm loss does. Padding: a shallow prompt
+    sees the rows exactly as PEFT's forward does, virtual tokens first, positions 0..P+T-1 (left padding moves a
+    row's positions, there as here); a deep prompt reads each row as alone (positions from its first real token,
+    as PEFT's generate), which is PEFT's padded forward on right padding and PEFT's loss of each example alone on
+    left padding.
+    The text mask: attended, non-special tokens that are not scored, so that perturbations touch the input and
+    never a target token (nor a virtual token, which is not in input_ids). token_scale: target tokens per example
+    (None: this batch's own, which makes the mean loss PEFT's loss on the batch).
+    """
+    input_ids, labels = inputs["input_ids"], inputs.get("labels")
+    if labels is None or labels.dim() != 2 or labels.shape[0] != input_ids.shape[0]:
+        shape = None if labels is None else tuple(labels.shape)
+        raise ValueError(f"--head lm reads token labels (B, T) with -100 on unscored tokens, as PEFT's guides build "
+                         f"them, got labels of shape {shape}; for class indices pass label_words (verbalizer)")
+    attention = inputs.get("attention_mask")
+    attention = torch.ones_like(input_ids) if attention is None else attention
+    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
+    text_mask = attention.bool() & ~torch.isin(input_ids, special)  # (B, T)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    if model.kind == "seq2seq":
+        given = [key for key in ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds")
+                 if inputs.get(key) is not None]
+        if given:
+            raise ValueError(f"PTPTrainer builds the decoder's input from labels, as HF's forward does; drop "
+                             f"{', '.join(given)} from the batch")
+        targets = labels  # (B, Tc)
+        answer = (attention * positions).amax(1)  # (B,) the last attended input token
+    else:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"a causal LM's labels must align with input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(labels.shape)}; give the input and target in input_ids, labels -100 on the input")
+        if (labels[:, 0] != IGNORE).any():
+            raise ValueError("labels score the first token of a row, which no input token predicts (PEFT's shallow "
+                             "prompt has its last virtual token predict it); start every row with input tokens, "
+                             "labels -100 there")
+        scored = labels != IGNORE  # (B, T)
+        text_mask &= ~scored
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # (B, T): HF's shift
+        first = torch.where(scored, positions, input_ids.shape[1]).amin(1)  # (B,) the first target token
+        answer = torch.where(first < input_ids.shape[1], first - 1, (attention * positions).amax(1))  # (B,)
+    if not (targets != IGNORE).any():
+        raise ValueError("labels score no token in this batch (all -100); give every example its target tokens")
+    examples = torch.full((input_ids.shape[0],), NO_LABEL, dtype=torch.long, device=input_ids.device)  # (B,)
+    return Batch(input_ids, attention, text_mask, answer, examples, inputs.get("token_type_ids"), 0, targets,
+                 token_scale=token_scale)
 
 
 def example_keys(inputs: dict[str, Tensor], micro_step: int, process: int, processes: int,
@@ -188,10 +262,16 @@ class PTPTrainer(Trainer):
     follows TrainingArguments (bf16; fp16 on CUDA, the adversarial ascents at the loss scaler's scale). One
     process or DDP (torchrun, accelerate launch); the loss is the mean over a micro-batch's examples and Trainer
     divides it by the accumulation steps (exact for equal micro-batches).
+
+    head: default_head (a CAUSAL_LM or SEQ_2_SEQ_LM model without label_words: lm). --head lm trains on token
+    labels as in PEFT's guides (lm_batch_from_inputs) with HF's labels loss as Trainer computes it: the token mean
+    over the optimizer step's target tokens (Trainer's num_items_in_batch, over the accumulated micro-batches and,
+    with average_tokens_across_devices, the processes), so accumulation and processes change nothing; evaluation
+    scores each batch's token mean and returns no logits.
     """
 
     def __init__(self, *args, method: str = "pt", perturb: PerturbConfig | None = None,
-                 label_words: list[str] | None = None, tokenizer=None, **kwargs):
+                 label_words: list[str] | None = None, head: str | None = None, tokenizer=None, **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         if tokenizer is not None:  # transformers 5 names it processing_class
@@ -202,8 +282,10 @@ class PTPTrainer(Trainer):
                              "special tokens")
         self.method, self.perturb = method, perturb or PerturbConfig()
         self._check_setup()
-        self.prompt_model = prompt_model(self.model, self.processing_class, label_words=label_words)
-        self.model_accepts_loss_kwargs = False  # an example mean per micro-batch: Trainer divides by the GA steps
+        self.prompt_model = prompt_model(self.model, self.processing_class, head, label_words)
+        # True: Trainer counts the step's target tokens (num_items_in_batch, token_scale) and, the loss being a part
+        # of their mean, divides by no accumulation steps. False: an example mean per micro-batch, divided by them
+        self.model_accepts_loss_kwargs = self.prompt_model.head == "lm"
         self._noise_step, self._micro_step = -1, 0
         self._sums: dict[str, list] = {}  # name -> [sum of detached values, count] since the last log
 
@@ -237,13 +319,20 @@ class PTPTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):
         """PTP's training loss on Trainer's inputs (a scalar); with return_outputs (evaluation) the clean loss and
-        {"logits": (B, C)}. `model` may be wrapped (DDP, compile); PEFT's parameters are reached through self.model.
+        {"logits": (B, C)} ({} for --head lm). `model` may be wrapped (DDP, compile); PEFT's parameters are reached
+        through self.model.
 
         accelerate puts its autocast (bf16, fp16) around model.forward, which this loss never calls: it is
         entered here."""
-        batch = batch_from_inputs(self.prompt_model, inputs)
+        scale = None if return_outputs else self.token_scale(inputs, num_items_in_batch)
+        batch = batch_from_inputs(self.prompt_model, inputs, scale)
+        # the logged parts: a micro-batch's share of the step's token mean, times the micro-batches averaged over
+        share = 1.0 if scale is None else float(getattr(self, "current_gradient_accumulation_steps",
+                                                        self.args.gradient_accumulation_steps))
         with self.accelerator.autocast():
             params = peft_params(self.model, self.prompt_model)
+            if return_outputs and self.prompt_model.head == "lm":
+                return self.prompt_model.loss(params, batch).mean(), {}
             if return_outputs:
                 logits = self.prompt_model.logits(params, batch).float()  # (B, C)
                 return cross_entropy(logits, batch.labels).mean(), {"logits": logits}
@@ -251,12 +340,22 @@ class PTPTrainer(Trainer):
             weight = self.perturb.weight_at(step) if self.method != "pt" else 0.0
             if weight == 0:  # PT, or PTP in its warm-up: no perturbation is drawn, as in our loop
                 loss = self.prompt_model.loss(params, batch).mean()
-                self._record({"clean_loss": loss.detach()}, weight)
+                self._record({"clean_loss": loss.detach()}, weight, share)
                 return loss
             loss, parts = ptp_loss(self.prompt_model, params, batch, self.method, self.perturb,
                                    self.noise(inputs, batch), weight, self.ascent_scale())
-        self._record(parts, weight)
+        self._record(parts, weight, share)
         return loss
+
+    def token_scale(self, inputs: dict[str, Tensor], num_items_in_batch: Tensor | int | None) -> float | None:
+        """--head lm: the target tokens per example that make this micro-batch's mean loss its part of the token mean
+        over the optimizer step, sum of its token CE / num_items_in_batch, times the processes whose mean DDP takes
+        when num_items_in_batch counts all of theirs (HF's labels loss with num_items_in_batch, as Trainer scales
+        it). None (another head, or no count): the batch's own token mean."""
+        if self.prompt_model.head != "lm" or num_items_in_batch is None:
+            return None
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return float(num_items_in_batch) / (inputs["input_ids"].shape[0] * processes)
 
     def noise(self, inputs: dict[str, Tensor], batch: Batch) -> torch.Generator | ExampleNoise:
         """The randomness of the micro-batch computed now: per example (example_keys) for the input and text
@@ -296,11 +395,10 @@ class PTPTrainer(Trainer):
             average_gradients([p for p in self.model.parameters() if p.requires_grad], self.accelerator.num_processes)
         return loss
 
-    def _record(self, parts: dict[str, Tensor], weight: float) -> None:
-        if self.method == "pt":
-            parts = {k: v for k, v in parts.items() if k == "clean_loss"}
-        else:
-            parts = {**parts, "reg_weight": torch.tensor(weight, device=parts["clean_loss"].device)}
+    def _record(self, parts: dict[str, Tensor], weight: float, share: float = 1.0) -> None:
+        parts = {k: v * share for k, v in parts.items() if self.method != "pt" or k == "clean_loss"}
+        if self.method != "pt":
+            parts["reg_weight"] = torch.tensor(weight, device=parts["clean_loss"].device)
         for name, value in parts.items():
             total, count = self._sums.get(name, (0.0, 0))
             self._sums[name] = [total + value.float(), count + 1]  # summed on the device: no sync per micro-batch

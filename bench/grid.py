@@ -4,9 +4,12 @@ Same model, examples, directions and grid for all three. Prints points/s, the ra
 model FLOP/s of each as a fraction of this machine's dense matmul throughput (measured here,
 same dtype). The row "ours, deep prompt" evaluates the same grid over a deep prompt of the same length
 (keys and values in every layer, random filter-normalized directions) on the same backbone.
+A --head lm model (a generation checkpoint, or --model smollm2 --head lm: rotten_tomatoes written as text) is
+measured on its token-level cross-entropy; loss-landscapes, which needs class logits, is left out for it.
 
     python bench/grid.py --checkpoint /tmp/bench_ckpt --examples 32 --grid 7
     python bench/grid.py --model minilm --examples 32 --grid 7     # untrained prompt from init_params
+    python bench/grid.py --model smollm2 --head lm --examples 32 --grid 3 --skip deep
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from landscape.grid.directions import prompt_directions
 from landscape.grid.evaluate import auto_chunk, evaluate_points
 from landscape.grid.spec import SurfaceSpec
 from ptp_core.model.backbones import DTYPES, Backbone, resolve_dtype
-from ptp_core.model.encoding import batch_split
+from ptp_core.model.encoding import batch_split, share_token_scale
 from ptp_core.model.prompt_model import PromptModel
 
 
@@ -64,7 +67,8 @@ def model_flops_per_point(model, batches, prompt_length: int) -> float:
 
 
 def per_point_loop(model, directions, batches, alphas, betas, dtype) -> np.ndarray:
-    """The reference scripts' way: set one prompt, evaluate batch by batch, next point."""
+    """The reference scripts' way: set one prompt, evaluate batch by batch, next point. --head lm: the batches
+    share the set's token scale (share_token_scale), so the sum over examples / N is the token mean."""
     out = np.zeros((len(alphas), len(betas)))
     with torch.inference_mode(), torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for i, a in enumerate(alphas):
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (else --model with an init prompt)")
     p.add_argument("--model", default="minilm")
+    p.add_argument("--head", default="classifier", choices=("classifier", "lm"),
+                   help="the head of --model (lm: rotten_tomatoes written as text, its label names the targets)")
     p.add_argument("--examples", type=int, default=32)
     p.add_argument("--grid", type=int, default=7, help="n: an n x n grid")
     p.add_argument("--span", type=float, default=1.0)
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="the loop's and loss-landscapes' dtype; ours runs in float32 and in auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--skip", default="", help="comma-separated evaluators to skip: loop,loss-landscapes")
+    p.add_argument("--skip", default="", help="comma-separated evaluators to skip: loop,loss-landscapes,deep")
     args = p.parse_args(argv)
     from ptp_core.checkpoint import load_checkpoint
     from ptp_core.tasks.load import load_task
@@ -147,16 +153,23 @@ def main(argv: list[str] | None = None) -> dict:
         from ptp_core.model.prompt_model import PromptModel
 
         task = load_task("rotten_tomatoes")
-        backbone = load_backbone(args.model, "classifier", task.num_labels, args.device)
-        model = PromptModel(backbone, "classifier", task.num_labels)
+        if args.head == "lm":  # the template and targets a --head lm run trains with
+            from ptp_core.train import build_prompt_model
+            from ptp_core.training.config import TrainConfig
+
+            model = build_prompt_model(TrainConfig(model=args.model, head="lm"), task, args.device)
+        else:
+            backbone = load_backbone(args.model, "classifier", task.num_labels, args.device)
+            model = PromptModel(backbone, "classifier", task.num_labels)
         model = model.with_params(model.init_params(20, "vocab", torch.Generator().manual_seed(0)))
     examples = task.splits["test"].head(args.examples)
     spec = SurfaceSpec(directions="random", grid=f"{args.grid}x{args.grid}", span=args.span, examples=args.examples,
                        batch_size=args.our_batch_size, dtype=args.dtype)
     alphas, betas = spec.axes()
     batches, order = batch_split(model, examples, args.our_batch_size, by_length=True)
-    stored_batches = [model.encode(examples.texts[i:i + args.batch_size], examples.labels[i:i + args.batch_size])
-                      for i in range(0, len(examples), args.batch_size)]  # the loop's batches: stored order
+    stored_batches = share_token_scale([model.encode(examples.texts[i:i + args.batch_size],
+                                                     examples.labels[i:i + args.batch_size])
+                                        for i in range(0, len(examples), args.batch_size)])  # the loop's: stored order
     directions = prompt_directions(model, model.params, batches, "random", "filter", 0)
     points = alphas.size * betas.size
     chunk = args.chunk or auto_chunk(model, batches, points, model.params["prompt"].shape[-2])
@@ -168,14 +181,17 @@ def main(argv: list[str] | None = None) -> dict:
                                dtype=compute)[0] for s in range(0, points, chunk)]
         return np.concatenate(out).reshape(alphas.size, betas.size)
 
-    deep, deep_directions = deep_twin(model, batches)
-    deep_chunk = args.chunk or auto_chunk(deep, batches, points, deep.params["prompt"].shape[-2])
+    skip = {"ours, deep prompt" if name == "deep" else name for name in filter(None, args.skip.split(","))}
+    if model.head == "lm":  # loss-landscapes scores class logits, which --head lm has none of
+        skip.add("loss-landscapes")
     evaluators = {"ours": lambda: ours(dtype), f"ours ({auto}, auto)": lambda: ours(DTYPES[auto]),
-                  "ours, deep prompt": lambda: ours(dtype, deep, deep_directions, deep_chunk),
                   "loop": lambda: per_point_loop(model, directions, stored_batches, alphas, betas, dtype),
                   "loss-landscapes": lambda: loss_landscapes_plane(model, directions, stored_batches, alphas, dtype)}
+    if "ours, deep prompt" not in skip:
+        deep, deep_directions = deep_twin(model, batches)
+        deep_chunk = args.chunk or auto_chunk(deep, batches, points, deep.params["prompt"].shape[-2])
+        evaluators["ours, deep prompt"] = lambda: ours(dtype, deep, deep_directions, deep_chunk)
     compute_of = {name: DTYPES[auto] if "auto" in name else dtype for name in evaluators}
-    skip = set(filter(None, args.skip.split(",")))
     flops = model_flops_per_point(model, batches, model.params["prompt"].shape[-2])
     ours(dtype), ours(DTYPES[auto])  # warm-up (allocator, kernels) so that no evaluator pays it
     # Other processes may share the machine: interleave the evaluators and the matmul probe over
@@ -207,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name]["max_abs_diff_vs_ours"] = float(np.max(np.abs(surface[rows] - reference[rows])))
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} {platform.node()} {platform.processor() or platform.machine()} "
           f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}")
-    print(f"# model={model.model_name} examples={len(examples)} grid={args.grid}x{args.grid} ({points} points) "
+    print(f"# model={model.model_name} head={model.head} examples={len(examples)} grid={args.grid}x{args.grid} ({points} points) "
           f"batch ours={args.our_batch_size} (length-sorted) others={args.batch_size} (stored order) chunk={chunk} prompt={model.params['prompt'].shape[-2]} "
           f"matmul " + ", ".join(f"{str(k)[6:]} {v / 1e9:.1f}" for k, v in peak.items()) +
           f" GFLOP/s (best of {args.rounds}) rounds={args.rounds} model={flops / 1e9:.2f} GFLOP/point")

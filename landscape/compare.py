@@ -32,12 +32,15 @@ from landscape.grid.spec import SPACES, SurfaceSpec, device_defaults
 from landscape.measures.row import MetricsConfig, measure, metrics_row, surface_topology
 from landscape.measures.surface_metrics import surface_metrics
 from landscape.stats import IDENTITY, Statistics, row_groups, statistics
-from landscape.surface import CHECKPOINT_KEYS, Surface, comparable_identity, load_surface, save_surface, surface_paths
+from landscape.surface import (CHECKPOINT_KEYS, TOKEN_ACCURACY, TOKEN_LOSS, Surface, check_one_loss,
+                               comparable_identity, is_generation, load_surface, save_surface, surface_paths)
 from ptp_core.checkpoint import Checkpoint, load_checkpoint
 from ptp_core.io import to_json
 from ptp_core.model.backbones import resolve_device, resolve_dtype
 from ptp_core.tasks.metrics import METRIC_KEYS
 from ptp_core.tasks.task import Task
+
+LM_TEST_KEYS = ("token_accuracy", "perplexity")  # what ptp.json records of a --head lm prompt's test split
 
 
 @dataclass
@@ -191,6 +194,7 @@ def compare(checkpoints: list[Path], spec: SurfaceSpec, metrics: MetricsConfig, 
     specs = {space: replace(spec, space=space, directions="gradient" if space == "input" else spec.directions)
              for space in spaces}  # input space has per-example gradient directions only
     loaded = [load_checkpoint(p).with_task(task) for p in checkpoints]
+    check_one_loss([(str(c.path), c.meta.get("head")) for c in loaded])  # one kind of loss on every figure and table
     warn_identical(loaded)
     tasks = _tasks(loaded)  # every task loads before anything is written
     pairs = _seed_pairs(loaded) if connect is not None else []
@@ -249,6 +253,7 @@ def from_surfaces(paths: list[str | Path]) -> Comparison:
                              f"{key[1]}-space surface of {key[0]}; give one surface per checkpoint and space "
                              "(re-render the others in a separate --surface run)")
         surfaces[key], sources[key] = surface, path
+    check_one_loss([(str(sources[key]), s.spec.get("head")) for key, s in surfaces.items()], "draw")
     rows, used = {}, {}
     for (checkpoint, space), s in surfaces.items():
         if min(s.shape) > 1 and s.points_done:
@@ -368,10 +373,15 @@ def _measure(model, params, split, surfaces: dict[str, Surface], config: Metrics
     meta, scores = checkpoint.meta, checkpoint.meta.get("metrics") or {}
     task_scores = {f"test_{key}": scores[f"test_{key}"] for key in METRIC_KEYS.get(meta.get("metric", "accuracy"), ())
                    if f"test_{key}" in scores}  # the benchmark's metric beside test accuracy: test_f1, test_mcc, ...
+    if checkpoint.generation:  # --head lm: its test scores over target tokens (beside a rank-classification accuracy)
+        task_scores.update({f"test_{key}": scores[f"test_{key}"] for key in LM_TEST_KEYS if f"test_{key}" in scores})
     row = measure(model, params, split, surfaces.get("prompt"), config, str(checkpoint.path),
                   checkpoint.method_label, meta.get("seed"), scores.get("test_accuracy"),
                   surfaces.get("input"), task_scores)
     row["settings"]["test_examples"] = scores.get("test_n")  # the n of test_accuracy (ptp.json), not a metric
+    if checkpoint.generation and meta.get("generation"):
+        row["test_accuracy_reason"] = ("a generation task has no classes to be accurate on: its test score is "
+                                       "test_token_accuracy")
     return row
 
 
@@ -384,6 +394,8 @@ def _metadata(rows: list[dict], surfaces: list[Surface] = ()) -> dict:
                                       for i in identities.values()}) == 1]
     first = next(iter(identities.values()), {})
     metadata = {k: first.get(k) for k in shared}
+    if any(is_generation(identity.get("head")) for identity in identities.values()):
+        metadata["loss"] = f"{TOKEN_LOSS} over the target tokens (PEFT's labels loss); accuracy: {TOKEN_ACCURACY}"
     if len(shared) < len(keys):
         metadata["groups"] = {label: {k: v for k, v in identity.items() if k not in shared}
                               for label, identity in identities.items()}

@@ -47,6 +47,37 @@ SAMPLING_KEYS = ("space", "directions", "normalization", "grid", "span", "split"
                  "dtype", "partial")
 ARRAY_KEYS = ("alphas", "betas", "loss", "accuracy")
 DIRECTION_KEYS = ("direction_1", "direction_2")
+# What a --head lm surface's numbers are: the mean cross-entropy over all target tokens of the examples (PEFT's
+# `labels` loss) and the fraction of target tokens the greedy choice gets right (teacher-forced)
+TOKEN_LOSS, TOKEN_ACCURACY = "token-level cross-entropy", "token accuracy"
+
+
+def is_generation(head: str | None) -> bool:
+    """True for --head lm, whose loss is over target tokens; every other head's is over classes (or candidates)."""
+    return head == "lm"
+
+
+def loss_name(head: str | None) -> str:
+    """How figures and tables name the loss of a checkpoint with this head."""
+    return TOKEN_LOSS if is_generation(head) else "loss"
+
+
+def accuracy_name(head: str | None) -> str:
+    """How figures and tables name the accuracy of a checkpoint with this head."""
+    return TOKEN_ACCURACY if is_generation(head) else "accuracy"
+
+
+def check_one_loss(heads: Sequence[tuple[str, str | None]], verb: str = "compare") -> None:
+    """ValueError unless every (name, head) measures one kind of loss: --head lm's token-level cross-entropy or a
+    classification's cross-entropy over classes; the two differ in scale and meaning, so no figure, table or
+    statistic may hold both."""
+    kinds = {is_generation(head) for _, head in heads}
+    if len(kinds) > 1:
+        lm = next(name for name, head in heads if is_generation(head))
+        other, head = next((name, head) for name, head in heads if not is_generation(head))
+        raise ValueError(f"cannot {verb} {lm} (--head lm: {TOKEN_LOSS} of target texts) with {other} "
+                         f"({f'--head {head}' if head else 'a classification'}: cross-entropy over classes); give "
+                         "checkpoints of one task kind, each kind in its own run")
 
 
 @dataclass

@@ -21,10 +21,11 @@ from landscape.grid.evaluate import auto_chunk, subset_hash
 from landscape.grid.spec import PARAM_SCOPES
 from landscape.hessian import Params
 from landscape.measures.sharpness import BarrierResult
+from landscape.surface import check_one_loss
 from ptp_core.checkpoint import Checkpoint, check_comparable, load_checkpoint, params_hash
 from ptp_core.io import atomic_folder, write_atomic, write_json
 from ptp_core.model.backbones import autocast, resolve_device, resolve_dtype
-from ptp_core.model.encoding import batch_split
+from ptp_core.model.encoding import batch_split, share_token_scale
 from ptp_core.tasks.task import SPLITS, Split, batch_indices
 from ptp_core.training.config import TRAIN_DTYPES
 
@@ -66,7 +67,9 @@ class ConnectConfig:
 # ---- the model's loss on the two splits ------------------------------------------------------------------
 
 def model_scorer(model, batches: Sequence, dtype: str = "float32") -> ScoreFn:
-    """score(stacked params (G, ...)) -> mean loss and accuracy (G,) over every example of `batches`."""
+    """score(stacked params (G, ...)) -> mean loss and accuracy (G,) over every example of `batches` (--head lm: one
+    token scale for all of them, so that the means are over every target token)."""
+    batches = share_token_scale(list(batches))
     count = sum(len(batch) for batch in batches)
 
     @torch.inference_mode()
@@ -140,7 +143,7 @@ def connect_params(model, a: Params, b: Params, train_split: Split, eval_split: 
     info = {"subset_hash": subset_hash(subset), "examples": len(subset), "split": config.split,
             "hash_a": params_hash(a), "hash_b": params_hash(b), "config": asdict(config),
             "train_dtype": train_dtype, "eval_dtype": eval_dtype, "device": str(model.device),
-            "model": model.model_name, "train_seconds": round(trained - started, 3),
+            "model": model.model_name, "head": model.head, "train_seconds": round(trained - started, 3),
             "seconds": round(time.time() - started, 3)}
     return ConnectResult(ts.tolist(), path_barrier(ts, paths["linear_loss"]), path_barrier(ts, paths["curve_loss"]),
                          paths["linear_accuracy"].tolist(), paths["curve_accuracy"].tolist(),
@@ -163,6 +166,7 @@ def write_result(result: ConnectResult, out_dir: str | Path,
 
 def check_pair(first: Checkpoint, second: Checkpoint) -> None:
     """ValueError unless the two checkpoints share one landscape, name their task and hold different prompts."""
+    check_one_loss([(str(c.path), c.meta.get("head")) for c in (first, second)], "connect")
     check_comparable(first, second, "connect")
     if not first.meta.get("task"):
         raise ValueError(f"{first.path} does not name its task in ptp.json; it cannot be trained on here")

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from landscape.draw.figures import method_color, style_context
 from landscape.measures.spectral_density import density_curves
+from landscape.surface import loss_name
 
 # Path colours of connectivity(): neither is a method colour, since the method colours mark the two end checkpoints.
 PATH_COLORS = {"linear": "#D55E00", "curve": "#CC79A7"}
@@ -17,8 +18,9 @@ def connectivity(result: Mapping | object, *, style: str = "paper") -> Figure:
     """Loss along t for the straight line and the trained Bezier curve between two checkpoints, barriers marked.
 
     result: the dict of connect.json or a landscape.connect.ConnectResult: t (T,), linear_loss and curve_loss (T,),
-    linear_barrier / curve_barrier and the t of each, method_a/b and seed_a/b for the ends. The barrier
-    max_t L(t) − ((1 − t) L(0) + t L(1)) (Frankle et al. 2020) is drawn as a segment from the chord to the path.
+    linear_barrier / curve_barrier and the t of each, method_a/b and seed_a/b for the ends, and head (--head lm: the
+    loss axis says token-level cross-entropy). The barrier max_t L(t) − ((1 − t) L(0) + t L(1)) (Frankle et al.
+    2020) is drawn as a segment from the chord to the path.
     """
     data = result if isinstance(result, Mapping) else result.to_dict()
     missing = [k for k in ("t", "linear_loss", "curve_loss") if k not in data]
@@ -49,7 +51,7 @@ def connectivity(result: Mapping | object, *, style: str = "paper") -> Figure:
                     markeredgecolor="black", markeredgewidth=0.4, markersize=s["marker"] * 1.3, label=label, zorder=3)
         ax.set_xlim(-0.03, 1.03)
         ax.set_xlabel("t (0: first checkpoint, 1: second)")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(loss_name(data.get("head")))
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
     return fig
 
@@ -83,13 +85,14 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per label of a persist
 
 
 def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]], tau: float | None = None, *,
-                        style: str = "paper") -> Figure:
+                        style: str = "paper", loss: str = "loss") -> Figure:
     """0-dimensional persistence (birth, death) of each surface's minima (landscape.topology), one colour a label.
 
     A point's height above the diagonal is its basin's depth; the global minimum's infinite death is drawn on a
     line above the finite ones. Points above the dashed line (death - birth >= tau) are the counted basins; the
     line (and its legend entry) is left out when no point could reach it within the axes. Each label has its own
-    marker and a small sideways nudge, so coinciding minima of two labels stay visible.
+    marker and a small sideways nudge, so coinciding minima of two labels stay visible. loss: what the surfaces'
+    loss is called on the axes ("token-level cross-entropy" for --head lm).
     """
     if not diagrams:
         raise ValueError("persistence_diagram needs at least one diagram; compute a complete 2D surface first")
@@ -120,8 +123,8 @@ def persistence_diagram(diagrams: Mapping[str, Sequence[Sequence[float | None]]]
                        label=label, zorder=3 + index)
         ax.set_xlim(low - pad, top)
         ax.set_ylim(low - pad, top + pad)
-        ax.set_xlabel("birth (loss at the minimum)")
-        ax.set_ylabel("death (loss at the merging saddle); top: ∞")
+        ax.set_xlabel(f"birth ({loss} at the minimum)")
+        ax.set_ylabel(f"death ({loss} at the merging saddle); top: ∞")
         ax.legend(frameon=False, loc="lower right")
     return fig
 

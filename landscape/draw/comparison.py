@@ -56,7 +56,8 @@ def figures(comparison: Comparison, config: PlotConfig) -> dict[str, Figure]:
         diagrams = {m: comparison.metric(s, "persistence") for m, s in first.items()}
         if any(diagrams.values()):
             out[f"persistence{suffix}"] = analysis.persistence_diagram(
-                {m: d for m, d in diagrams.items() if d}, _basin_tau(comparison), **style)
+                {m: d for m, d in diagrams.items() if d}, _basin_tau(comparison), **style,
+                loss=plots.quantity_name(list(first.values())))
         pair = [(label, s) for label, g in groups.items() for s in g]
         identities = [comparison.row(s.spec.get("checkpoint") or "").get("comparable") for _, s in pair]
         if len(pair) == 2 and identities[0] == identities[1] and min(pair[0][1].shape) > 1 \

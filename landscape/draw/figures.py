@@ -20,7 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from landscape.surface import Surface
+from landscape.surface import Surface, accuracy_name, loss_name
 from ptp_core.io import write_atomic
 
 # Okabe & Ito (2008) colour-blind-safe palette; the three methods of the paper get fixed colours.
@@ -60,6 +60,13 @@ def axis_labels(surface: Surface) -> tuple[str, str]:
     """("α (gradient direction)", "β (orthogonal direction)") for 2D axes."""
     first, second = direction_names(surface)
     return f"α ({first})", f"β ({second})"
+
+
+def quantity_name(surfaces: Sequence[Surface], quantity: str = "loss") -> str:
+    """What the surfaces' loss (or accuracy) is, as figures name it: "token-level cross-entropy" (and "token
+    accuracy") for --head lm surfaces, "loss" (and "accuracy") for the others; a comparison never mixes the two."""
+    head = next((s.spec.get("head") for s in surfaces if s.spec.get("head")), None)
+    return loss_name(head) if quantity == "loss" else accuracy_name(head)
 
 
 def axis_caption(surface: Surface) -> str:
@@ -156,7 +163,7 @@ def landscape_3d(surfaces: Mapping[str, Surface], sharpness: Mapping[str, float]
                 f"{method}\n{sharpness_label} {sharpness[method]:.3g}")
             ax.set_title(title, pad=0)
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=fig.axes, shrink=0.7,
-                     label="loss", pad=0.04)
+                     label=quantity_name(list(surfaces.values())), pad=0.04)
         first = next(iter(surfaces.values()))
         fig.supxlabel(axis_caption(first))
         _caption(fig, list(surfaces.values()), s["font"])
@@ -206,7 +213,8 @@ def contour(surfaces: Mapping[str, Surface],
             ax.set_title(method)
             ax.set_aspect("auto")
         ticks = bounds[np.unique(np.linspace(0, len(bounds) - 1, 5).round().astype(int))]  # ends included
-        colorbar = fig.colorbar(filled, ax=list(axes), label="loss (log-spaced levels)", pad=0.02)
+        colorbar = fig.colorbar(filled, ax=list(axes), label=f"{quantity_name(list(surfaces.values()))} "
+                                "(log-spaced levels)", pad=0.02)
         colorbar.ax.set_yticks(ticks, [f"{v:.3g}" for v in ticks])
         _caption(fig, list(surfaces.values()), s["font"])
     return fig
@@ -247,7 +255,7 @@ def profiles(surfaces: Mapping[str, Surface | Sequence[Surface]], *, style: str 
         for ax, label in zip(axes, axis_labels(first)):
             ax.axvline(0.0, color="0.6", linewidth=0.5, linestyle=":")
             ax.set_xlabel(label)
-        axes[0].set_ylabel(quantity)
+        axes[0].set_ylabel(quantity_name(all_seeds, quantity))
         axes[0].legend(frameon=False)
         _caption(fig, all_seeds, s["font"])
     return fig
@@ -296,7 +304,8 @@ def difference(surface_a: Surface, surface_b: Surface, *, label_a: str | None = 
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(f"L({label_b}) − L({label_a})")
-        fig.colorbar(filled, ax=ax, label="loss difference", ticks=np.linspace(-bound, bound, 5))
+        fig.colorbar(filled, ax=ax, label=f"{quantity_name([surface_a, surface_b])} difference",
+                     ticks=np.linspace(-bound, bound, 5))
         _caption(fig, [surface_a, surface_b], s["font"])
     return fig
 

@@ -19,10 +19,11 @@ import plotly.io
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from landscape.draw.figures import axis_caption, axis_labels
+from landscape.draw.figures import axis_caption, axis_labels, quantity_name
+from landscape.draw.tables import rows_head
 from landscape.measures.spectral_density import density_curves
 from landscape.stats import DISTRIBUTIONS
-from landscape.surface import Surface
+from landscape.surface import Surface, loss_name
 
 if TYPE_CHECKING:  # for annotations only: importing compare would load torch into a drawing module
     from landscape.compare import Comparison
@@ -50,6 +51,7 @@ def surface_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
     scenes so the page needs a single WebGL context, whatever the number of methods.
     """
     methods = list(surfaces)
+    loss, accuracy = (quantity_name(list(surfaces.values()), q) for q in ("loss", "accuracy"))
     cols = min(3, len(methods))  # more than three scenes per row get too small to read
     rows = math.ceil(len(methods) / cols)
     fig = make_subplots(rows=rows, cols=cols, specs=[[{"type": "scene"}] * cols] * rows,
@@ -60,9 +62,9 @@ def surface_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
         fig.add_trace(go.Surface(
             x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(surface.loss.T),
             customdata=_nan_to_none(surface.accuracy.T), colorscale=cmap, cmin=zrange[0], cmax=zrange[1],
-            showscale=index == 0, colorbar=dict(title="loss", thickness=12), name=method,
-            hovertemplate=f"<b>{html.escape(method)}</b><br>α=%{{x:.3f}}<br>β=%{{y:.3f}}<br>loss=%{{z:.4f}}"
-                          "<br>accuracy=%{customdata:.3f}<extra></extra>",
+            showscale=index == 0, colorbar=dict(title=loss, thickness=12), name=method,
+            hovertemplate=f"<b>{html.escape(method)}</b><br>α=%{{x:.3f}}<br>β=%{{y:.3f}}<br>{loss}=%{{z:.4f}}"
+                          f"<br>{accuracy}=%{{customdata:.3f}}<extra></extra>",
         ), row=index // cols + 1, col=index % cols + 1)
     fig.update_scenes(xaxis_title="α", yaxis_title="β", zaxis_title="", zaxis=dict(range=list(zrange)),
                       aspectmode="cube", camera=dict(eye=dict(x=-1.55, y=-1.55, z=1.05)))
@@ -79,6 +81,7 @@ def contour_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
                    trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> go.Figure:
     """log10(loss) contours, one panel per method, shared colour scale, centre marked."""
     methods = list(surfaces)
+    loss = quantity_name(list(surfaces.values()))
     cols = min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=methods, horizontal_spacing=0.06,
@@ -93,8 +96,8 @@ def contour_figure(surfaces: Mapping[str, Surface], zrange: tuple[float, float],
             x=surface.alphas.tolist(), y=surface.betas.tolist(), z=_nan_to_none(log_loss),
             customdata=_nan_to_none(surface.loss.T), colorscale=cmap, zmin=low, zmax=high,
             contours=dict(start=low, end=high, size=(high - low) / 14 or 1.0), showscale=index == 0,
-            colorbar=dict(title="loss", thickness=12, tickvals=ticks, ticktext=[f"{10 ** t:.3g}" for t in ticks]),
-            hovertemplate="α=%{x:.3f}<br>β=%{y:.3f}<br>loss=%{customdata:.4f}<extra></extra>",
+            colorbar=dict(title=loss, thickness=12, tickvals=ticks, ticktext=[f"{10 ** t:.3g}" for t in ticks]),
+            hovertemplate=f"α=%{{x:.3f}}<br>β=%{{y:.3f}}<br>{loss}=%{{customdata:.4f}}<extra></extra>",
         ), row=row, col=col)
         path = (trajectories or {}).get(method)
         if path is not None and len(path):
@@ -226,7 +229,7 @@ def comparison_html(comparison: Comparison, surfaces: Mapping[str, Surface], tra
 
 def _analysis_figures(comparison: Comparison) -> dict[str, go.Figure]:
     """Interactive spectrum density, persistence diagrams and connectivity paths of a comparison (when measured)."""
-    out, first = {}, {}
+    out, first, loss = {}, {}, loss_name(rows_head(comparison.rows))
     for row in comparison.rows:
         first.setdefault(row.get("group") or row.get("method"), row)  # the representative checkpoint of each group
     quadratures = {m: (r["hessian_spectrum_nodes"], r["hessian_spectrum_weights"]) for m, r in first.items()
@@ -244,7 +247,7 @@ def _analysis_figures(comparison: Comparison) -> dict[str, go.Figure]:
         top = max(finite) * 1.05 if finite else 1.0
         fig = go.Figure([go.Scatter(x=[b for b, _ in pairs], y=[top if d is None else d for _, d in pairs],
                                     mode="markers", name=label) for label, pairs in diagrams.items()])
-        fig.update_layout(xaxis_title="birth (loss at the minimum)", yaxis_title=f"death (top {top:.3g}: never)")
+        fig.update_layout(xaxis_title=f"birth ({loss} at the minimum)", yaxis_title=f"death (top {top:.3g}: never)")
         out["Basins: 0-dimensional persistence of each surface"] = fig
     if comparison.connections:
         fig = go.Figure()
@@ -252,6 +255,6 @@ def _analysis_figures(comparison: Comparison) -> dict[str, go.Figure]:
             name = f"{c.get('method_a')} {c.get('seed_a')}–{c.get('seed_b')}"
             fig.add_trace(go.Scatter(x=c["t"], y=c["linear_loss"], name=f"{name} line", line={"dash": "dash"}))
             fig.add_trace(go.Scatter(x=c["t"], y=c["curve_loss"], name=f"{name} Bezier"))
-        fig.update_layout(xaxis_title="t", yaxis_title="loss")
+        fig.update_layout(xaxis_title="t", yaxis_title=loss)
         out["Mode connectivity: loss along the line and the trained Bezier curve"] = fig
     return out

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from landscape.hessian import Params, flatten_params, hvp, top_eigenvalues
-from ptp_core.model.encoding import Batch
+from ptp_core.model.encoding import Batch, share_token_scale
 from ptp_core.model.prompt_model import PromptModel
 
 DIRECTION_KINDS = ("gradient", "random", "interp", "pca", "hessian")
@@ -148,7 +148,9 @@ def orthonormal_pair(first: Params, second: Params, reference: Params, norm: str
 
 def loss_gradient(model: PromptModel, params: Params, batches: Sequence[Batch], names: Sequence[str],
                   dtype: torch.dtype | None = None) -> Params:
-    """Gradient of the mean loss over all examples of `batches` w.r.t. params[names]."""
+    """Gradient of the mean loss over all examples of `batches` w.r.t. params[names] (--head lm: over all their
+    target tokens, one token scale for every batch)."""
+    batches = share_token_scale(list(batches))
     leaves = {k: params[k].detach().clone().requires_grad_(True) for k in names}
     total = sum(len(b) for b in batches)
     grads = {k: torch.zeros_like(v) for k, v in leaves.items()}

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from landscape.grid.directions import Directions, input_directions, prompt_directions
 from landscape.grid.evaluate import MemoryCap, auto_chunk, evaluate_chunk, evaluate_points, subset_hash
 from landscape.grid.spec import SurfaceSpec
-from landscape.surface import SPEC_IDENTITY_KEYS, Surface, load_surface, save_surface, surface_paths
+from landscape.surface import (SPEC_IDENTITY_KEYS, Surface, check_one_loss, load_surface, save_surface,
+                               surface_paths)
 from ptp_core.checkpoint import Checkpoint, check_comparable, params_hash
 from ptp_core.io import to_json
 from ptp_core.model.backbones import DTYPES, resolve_dtype
@@ -84,6 +85,7 @@ def surface_for_params(model: PromptModel, params: dict[str, Tensor], split: Spl
         surface.head_directions = head_directions
     elif not surface.head_directions:
         surface.head_directions = stored.get("head_directions", {})
+    surface.spec["head"] = model.head  # what the loss is (--head lm: token-level): figures name it; no identity key
     chunk = spec.chunk or auto_chunk(model, batches, surface.loss.size, params["prompt"].shape[-2])
     if shard.world > 1:  # every rank must cut the grid the same way
         chunk = min(c for (c,) in shard.gather((chunk,)))
@@ -226,6 +228,7 @@ def compute_surface(checkpoints: Checkpoint | Sequence[Checkpoint], spec: Surfac
         if len(checkpoints) == 2 and spec.shape[1] > 1:
             raise ValueError(f"two checkpoints give a line, not a {spec.grid} grid; use --grid {spec.shape[0]}x1 "
                              "or pass a third checkpoint for a plane")
+        check_one_loss([(str(c.path), c.meta.get("head")) for c in checkpoints], "interpolate")
         for other in checkpoints[1:]:
             check_comparable(first, other, "interpolate")
     elif len(checkpoints) != 1:

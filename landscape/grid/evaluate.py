@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from landscape.grid.directions import Directions
-from ptp_core.model.encoding import Batch
+from ptp_core.model.encoding import Batch, share_token_scale, target_counts
 from ptp_core.model.prompt_model import PromptModel
 from ptp_core.tasks.task import Split
 
@@ -36,8 +36,10 @@ def evaluate_points(model: PromptModel, batches: Sequence[Batch], order: Sequenc
     """Mean loss and accuracy (G,) at G points (alphas, betas (G,)) in one forward per batch.
 
     Prompt space: pass the `plane` of directions. Input space: pass `params` (fixed) and `input_pairs`,
-    the per-batch (d1, d2) (B, T, D) of input_directions.
+    the per-batch (d1, d2) (B, T, D) of input_directions. --head lm: the batches share one token scale (as
+    batch_split's do), so the mean over examples is the mean over every target token of them.
     """
+    batches = share_token_scale(list(batches))
     count = sum(len(rows) for rows in order)
     losses = np.zeros((len(alphas), count))  # (G, N) in stored order, so the mean is batching-independent
     correct = np.zeros((len(alphas), count))
@@ -65,6 +67,8 @@ def auto_chunk(model: PromptModel, batches: Sequence[Batch], points: int, prompt
     tokens = max(b.input_ids.shape[1] for b in batches) + prompt_length  # the prompt being evaluated
     # live activations of one layer, x3 for temporaries: (B, L, inner + 4 H) and the (B, heads, L, L) scores
     per_point = 3 * 4 * rows * tokens * (inner + 4 * hidden + heads * tokens)
+    if model.head == "lm":  # and the full-vocabulary logits (with their softmax) at every target token
+        per_point += 3 * 4 * max(int(target_counts(b).sum()) for b in batches) * config.vocab_size
     if model.device.type == "cuda":  # free memory, plus what PyTorch's allocator holds cached but unused
         cached = torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
         budget = CUDA_MEMORY_FRACTION * (torch.cuda.mem_get_info(model.device)[0] + cached)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +19,7 @@ from landscape.measures.spectrum import hessian_min_eigenvalue, hessian_spectrum
 from landscape.measures.surface_metrics import SurfaceMetrics, surface_metrics
 from landscape.measures.topology import loss_topology
 from landscape.surface import Surface
+from ptp_core.model import lm
 from ptp_core.model.prompt_model import PromptModel
 from ptp_core.tasks.task import Split
 
@@ -92,7 +94,7 @@ def measure(model: PromptModel, params: dict[str, Tensor], split: Split, surface
         extra.update(surface_topology(surface, config.basin_tau, ""))
         extra.update(surface_topology(input_surface, config.basin_tau, "input_"))
     if "calibration" in config.which:
-        extra["center_ece"] = center_ece(model, params, split.head(config.calibration_examples))
+        extra.update(center_calibration(model, params, split.head(config.calibration_examples)))
     if set(config.which) - {"surface", "calibration"}:
         results.update(_model_metrics(model, params, split, config))
     return metrics_row(checkpoint, method, seed, test_accuracy, settings=settings, test_metrics=test_metrics,
@@ -126,9 +128,30 @@ def surface_topology(surface: Surface | None, tau: float, prefix: str) -> dict:
 
 
 def center_ece(model: PromptModel, params: dict[str, Tensor], subset: Split, bins: int = 15) -> float:
-    """Expected calibration error (Guo et al. 2017; 15 equal-width bins) of the trained prompt on `subset`."""
-    probabilities = torch.softmax(model.predict(subset.texts, params), dim=-1).double().numpy()  # (N, C)
-    return expected_calibration_error(probabilities, subset.labels, bins)
+    """Expected calibration error (Guo et al. 2017; 15 equal-width bins) of the trained prompt on `subset`: of its
+    class probabilities, or with --head lm on a classification task of its rank classification's."""
+    return expected_calibration_error(class_probabilities(model, params, subset), subset.labels, bins)
+
+
+def center_calibration(model: PromptModel, params: dict[str, Tensor], subset: Split, bins: int = 15) -> dict:
+    """{"center_ece": ...}; a generation task's is None with `center_ece_reason`: it has no classes."""
+    if model.head == "lm" and not model.label_words:
+        return {"center_ece": None, "center_ece_reason": "a generation task (--head lm, target texts) has no classes "
+                                                         "whose confidence could be calibrated"}
+    return {"center_ece": center_ece(model, params, subset, bins)}
+
+
+@torch.inference_mode()
+def class_probabilities(model: PromptModel, params: dict[str, Tensor], subset: Split, batch_size: int = 64
+                        ) -> np.ndarray:
+    """(N, C) float64: softmax of the class logits, or with --head lm of each label target's summed log-likelihood
+    (rank classification: the probability of label c among the C targets the LM could write)."""
+    if model.head != "lm":
+        return torch.softmax(model.predict(subset.texts, params, batch_size), dim=-1).double().numpy()
+    parts = [lm.rank_scores(model, params, model.encode(subset.texts[i:i + batch_size],
+                                                        subset.labels[i:i + batch_size], rank=True)).double()
+             for i in range(0, len(subset), batch_size)]  # (B, C) each
+    return torch.softmax(torch.cat(parts), dim=-1).cpu().numpy()
 
 
 def _model_metrics(model: PromptModel, params: dict[str, Tensor], split: Split, config: MetricsConfig) -> dict:

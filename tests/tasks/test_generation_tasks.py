@@ -79,3 +79,21 @@ def test_a_file_of_targets_read_as_classification_points_to_target_field(tmp_pat
     path = _jsonl(tmp_path / "task.jsonl", ROWS)
     with pytest.raises(ValueError, match=r"no label column.*--head lm --target-field COLUMN"):
         load_task(path, text_fields=("input",))
+
+
+def test_a_generation_dataset_by_name_reads_its_own_splits(monkeypatch):
+    """An HF dataset by name takes the same flags as a file: its train/validation/test splits, the named input and
+    target columns (datasets.load_dataset replaced by an in-memory DatasetDict, as the hub would return it)."""
+    import datasets
+
+    def split(name, n):
+        return datasets.Dataset.from_list([{"question": f"{name} question {i}", "answer": f"{name} answer {i}"}
+                                           for i in range(n)])
+
+    hub = datasets.DatasetDict({"train": split("train", 6), "validation": split("validation", 2),
+                                "test": split("test", 3)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: hub)
+    task = load_task("someone/qa", text_fields=("question",), target_field="answer")
+    assert task.generation and task.sizes() == {"train": 6, "validation": 2, "test": 3}
+    assert task.splits["test"].texts[2] == {"question": "test question 2", TARGET: "test answer 2"}
+    assert set(task.splits["train"].labels) == {NO_LABEL} and task.source == "hf:someone/qa"

@@ -18,7 +18,8 @@ from landscape.draw.comparison import PlotConfig, draw
 from landscape.draw.tables import console_table
 from landscape.grid.spec import DEVICE_DEFAULT_FIELDS
 from landscape.measures.row import DEFAULT_METRICS, METRIC_KINDS, MetricsConfig
-from ptp_core import cli
+from landscape.surface import check_one_loss
+from ptp_core import cli, load_checkpoint
 from ptp_core.training.config import TRAIN_DTYPES
 
 
@@ -56,6 +57,8 @@ def compare_from_args(args: argparse.Namespace, out: Path) -> Comparison:
     metrics = MetricsConfig(tuple(m for m in args.metrics.split(",") if m), args.metric_examples,
                             param_scope=spec.param_scope, seed=args.seed)
     checkpoints = find_checkpoints(args.checkpoints)
+    # one kind of loss, refused before the plan is printed (compare() checks it again for Python callers)
+    check_one_loss([(str(p), load_checkpoint(p).meta.get("head")) for p in checkpoints])
     cli.quiet_transformers()
     spaces = ("prompt", "input") if args.space == "both" else (args.space,)
     defaulted = tuple(name for name in DEVICE_DEFAULT_FIELDS if getattr(args, name) is None)

@@ -314,7 +314,14 @@ def lm_row(tokenizer, example, target: str, template: str, kind: str, max_length
     if len(tokens) > max_length or room < 1:
         raise ValueError(f"the target {target[:60]!r} is {len(tokens)} tokens, which leaves no room for its input "
                          f"in --max-length {max_length}; raise --max-length or shorten the target")
-    row, _, _ = template_row(tokenizer, values, filled, "lm", kind, room)
+    try:
+        row, _, _ = template_row(tokenizer, values, filled, "lm", kind, room)
+    except ValueError as error:
+        if room == max_length or "more than max_length" not in str(error):
+            raise
+        raise ValueError(f"the target {target[:60]!r} is {len(tokens)} tokens, which leaves {room} of --max-length "
+                         f"{max_length} for the input, fewer than the template {template!r} needs with every field "
+                         "cut to one token; raise --max-length or shorten the target") from None
     if kind == "seq2seq":
         row.targets = tokens
         return row

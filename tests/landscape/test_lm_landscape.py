@@ -263,6 +263,7 @@ def test_mixing_generation_and_classification_is_refused_before_anything_is_writ
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "one task kind" in result.stderr
+    assert "plan:" not in result.stdout  # refused before anything is planned
     assert not out.exists()
 
 

@@ -97,3 +97,17 @@ def test_a_generation_dataset_by_name_reads_its_own_splits(monkeypatch):
     assert task.generation and task.sizes() == {"train": 6, "validation": 2, "test": 3}
     assert task.splits["test"].texts[2] == {"question": "test question 2", TARGET: "test answer 2"}
     assert set(task.splits["train"].labels) == {NO_LABEL} and task.source == "hf:someone/qa"
+
+
+def test_a_target_that_crowds_out_the_template_names_the_target_and_max_length():
+    """The target fits --max-length but leaves the template too little room: the refusal says so in terms of the
+    target and --max-length, not of the room left over."""
+    from conftest import make_tokenizer
+
+    from ptp_core.model.templates import lm_row
+
+    tok = make_tokenizer("causal")
+    with pytest.raises(ValueError, match=r"'fun fun fun' is 4 tokens, which leaves 2 of --max-length 6"):
+        lm_row(tok, {"text": "the movie was good"}, "fun fun fun", "Review : {text} It was {mask} .", "causal", 6)
+    row = lm_row(tok, {"text": "the movie was good"}, "fun", "Review : {text} It was {mask} .", "causal", 8)
+    assert len(row.ids) == 8 and tok.decode(row.ids).endswith("It was fun [SEP]")  # the field was cut, not the target

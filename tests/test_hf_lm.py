@@ -370,3 +370,8 @@ if __name__ == "__main__":  # a torchrun rank: MODEL_DIR OUT
     prompt, logged = ddp_train(sys.argv[1], str(Path(sys.argv[2]) / f"trainer{rank}"), world)
     save_file({"prompt": prompt.contiguous()}, str(Path(sys.argv[2]) / f"rank{rank}.safetensors"))
     (Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(logged, indent=2, sort_keys=True))
+    # leave as ptp_core.cli.run leaves a rank: torch.distributed's C++ side can abort at interpreter exit with gloo
+    # ("terminate called without an active exception") after the work is saved
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -20,6 +20,29 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = SPECIALS + GOOD + BAD + FILLER + ["terrible", "positive", "negative", "It", ".", ",", "Review", ":"]
 
 
+def run_torchrun(script, *args: str, pythonpath: tuple = ()) -> None:
+    """`torchrun --standalone --nproc_per_node 2 script args` on the CPU, one thread per rank; asserts that every rank
+    finished (stderr's tail in the message), and kills torchrun and its workers if they pass 5 minutes."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *args]
+    paths = os.pathsep.join(str(p) for p in (*pythonpath, tests.parent))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": paths}
+    with subprocess.Popen(command, cwd=tests, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as run:
+        try:
+            _, errors = run.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)  # torchrun and both workers
+            raise
+    assert run.returncode == 0, errors[-3000:]
+
+
 def make_tokenizer(kind: str):
     """A word-level fast tokenizer: BERT-style [CLS] x [SEP] for "masked", plain words for "causal",
     words then the end-of-sequence token [SEP] for "seq2seq" (T5 and BART end every input with EOS)."""

@@ -329,25 +329,13 @@ def ddp_train(model_dir: str, out: str, processes: int = 1) -> tuple[torch.Tenso
 def test_torchrun_two_processes_train_on_the_token_mean_of_the_global_batch(tiny_dirs, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU), micro-batches of 13 and 4 target tokens: both ranks take the SGD step
     of PEFT's labels loss on all 4 examples (the token mean over both processes), as one process does."""
-    import signal
-    import subprocess
-
     import transformers
     from peft import PromptTuningConfig, get_peft_model
     from safetensors.torch import load_file
 
-    tests = Path(__file__).parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), tiny_dirs["gpt2"], str(tmp_path)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}"}
-    with subprocess.Popen(command, cwd=tests, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as run:
-        try:
-            _, errors = run.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)  # torchrun and both workers
-            raise
-    assert run.returncode == 0, errors[-3000:]
+    from conftest import run_torchrun
+
+    run_torchrun(Path(__file__), tiny_dirs["gpt2"], str(tmp_path), pythonpath=(Path(__file__).parent,))
     single, logs = ddp_train(tiny_dirs["gpt2"], str(tmp_path / "single"))
     torch.manual_seed(0)  # the worker's PEFT model, untrained: the reference step
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"], **NO_DROPOUT["gpt2"])

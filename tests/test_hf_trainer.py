@@ -84,28 +84,14 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch(tiny_dir
     """torchrun --nproc_per_node 2 (gloo, CPU), 4 examples per process: both ranks end with the same trained
     tensors, equal to one process's with batches of 8, and log the same clean and perturbed CE (pt and ptp-rn)."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from conftest import run_torchrun
     from ddp_ptp_trainer import METHODS, train
 
-    tests = Path(__file__).parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tests / "ddp_ptp_trainer.py"), tiny_dirs["bert"], str(tmp_path)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
-    with subprocess.Popen(command, cwd=tests, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as run:
-        try:
-            _, errors = run.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)  # torchrun and both workers
-            raise
-    assert run.returncode == 0, errors[-3000:]
+    run_torchrun(Path(__file__).parent / "ddp_ptp_trainer.py", tiny_dirs["bert"], str(tmp_path))
     for method in METHODS:
         ranks = [load_file(tmp_path / f"{method}-rank{rank}.safetensors") for rank in (0, 1)]
         single, single_logs = train(tiny_dirs["bert"], method, tmp_path / "single" / method)

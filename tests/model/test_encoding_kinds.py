@@ -18,6 +18,7 @@ SENTENCES = ["the sun was rising", "the grass was wet", "it was rain", "the man 
              "it was great", "it was terrible", "a person makes music", "Premise: the sun", "Question: the grass?",
              "Answer: yes", "great : the movie", "the movie It was great."]
 KINDS = ("wordpiece", "qwen2", "gpt2", "roberta", "unigram")
+MASKED_KINDS = ("wordpiece", "roberta")  # the kinds here with a mask token, as a masked LM's tokenizer has
 TEMPLATE = "Premise: {premise} Question: {hypothesis}? Answer:"
 
 
@@ -266,13 +267,12 @@ def test_a_masked_candidate_is_read_at_the_mask_when_a_space_piece_stands_before
     assert scored == row.answer and tokenizer.decode([row.targets[scored]]).strip() == "great"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MASKED_KINDS)
 def test_a_masked_candidate_is_the_token_the_text_has_at_the_mask(tokenizers_by_kind, kind):
     """A masked-LM multiple-choice row scores the candidate's token as the filled-in text has it ("Ġrain" after a
     space for RoBERTa), the same rule as the label words."""
     tokenizer = tokenizers_by_kind[kind]
-    if tokenizer.mask_token is None:
-        pytest.skip("no mask token")
+    assert tokenizer.mask_token is not None
     filled = "the grass was wet so rain"
     encoded = tokenizer(filled, add_special_tokens=False, return_offsets_mapping=True)
     start = filled.index("rain")

@@ -27,11 +27,7 @@ def batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor], token_scale
         raise ValueError(f"the {model.head} head needs one class index per example (labels of shape (B,)), got "
                          f"labels of shape {tuple(labels.shape)}; drop label_words to train on token labels "
                          "(--head lm, PEFT's labels loss)")
-    attention = inputs.get("attention_mask")
-    attention = torch.ones_like(input_ids) if attention is None else attention
-    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
-    text_mask = attention.bool() & ~torch.isin(input_ids, special)  # (B, T)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    attention, text_mask, positions = _attended_text(model, inputs)
     if model.head == "verbalizer" and model.kind == "masked":
         is_mask = input_ids == model.tokenizer.mask_token_id  # (B, T)
         if not is_mask.any(1).all():
@@ -63,11 +59,7 @@ def lm_batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor], token_sc
         shape = None if labels is None else tuple(labels.shape)
         raise ValueError(f"--head lm reads token labels (B, T) with -100 on unscored tokens, as PEFT's guides build "
                          f"them, got labels of shape {shape}; for class indices pass label_words (verbalizer)")
-    attention = inputs.get("attention_mask")
-    attention = torch.ones_like(input_ids) if attention is None else attention
-    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
-    text_mask = attention.bool() & ~torch.isin(input_ids, special)  # (B, T)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    attention, text_mask, positions = _attended_text(model, inputs)
     if model.kind == "seq2seq":
         given = [key for key in ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds")
                  if inputs.get(key) is not None]
@@ -94,3 +86,14 @@ def lm_batch_from_inputs(model: PromptModel, inputs: dict[str, Tensor], token_sc
     examples = torch.full((input_ids.shape[0],), NO_LABEL, dtype=torch.long, device=input_ids.device)  # (B,)
     return Batch(input_ids, attention, text_mask, answer, examples, inputs.get("token_type_ids"), 0, targets,
                  token_scale=token_scale)
+
+
+def _attended_text(model: PromptModel, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention mask (all ones when the batch has none), the attended non-special tokens (B, T) and the
+    positions (T,)."""
+    input_ids = inputs["input_ids"]
+    attention = inputs.get("attention_mask")
+    attention = torch.ones_like(input_ids) if attention is None else attention
+    special = torch.tensor(sorted(model.tokenizer.all_special_ids), device=input_ids.device)
+    text_mask = attention.bool() & ~torch.isin(input_ids, special)  # (B, T)
+    return attention, text_mask, torch.arange(input_ids.shape[1], device=input_ids.device)

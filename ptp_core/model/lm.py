@@ -80,6 +80,13 @@ def _padded(sequences: list[list[int]], pad: int, device) -> tuple[Tensor, Tenso
     return ids.to(device), mask.to(device)
 
 
+def _input_batch(sequences: list[list[int]], pad: int, device) -> Batch:
+    """Token sequences right-padded into a Batch read at each row's last real token (nothing to score or perturb)."""
+    ids, mask = _padded(sequences, pad, device)
+    return Batch(ids, mask, torch.zeros_like(mask, dtype=torch.bool), mask.sum(1) - 1,
+                 torch.zeros(len(sequences), dtype=torch.long, device=device))
+
+
 @torch.inference_mode()
 def generate(model, params: dict[str, Tensor], texts: list, max_new_tokens: int, batch_size: int = 16
              ) -> list[list[int]]:
@@ -98,24 +105,18 @@ def generate(model, params: dict[str, Tensor], texts: list, max_new_tokens: int,
         inputs = [_input_ids(model, t) for t in texts[begin:begin + batch_size]]
         new: list[list[int]] = [[] for _ in inputs]
         done = [False] * len(inputs)
-        encoder = None
+        if model.kind == "seq2seq":  # the encoder reads the prompt and the input once
+            full, attention, _, _ = model._inputs(prompt, _input_batch(inputs, pad, model.device), None)
+            encoder = model.backbone.get_encoder()(inputs_embeds=full, attention_mask=attention)
         for _ in range(max_new_tokens):
             if model.kind == "seq2seq":
-                ids, mask = _padded(inputs, pad, model.device)
-                batch = Batch(ids, mask, torch.zeros_like(mask, dtype=torch.bool), mask.sum(1) - 1,
-                              torch.zeros(len(inputs), dtype=torch.long))
-                full, attention, _, _ = model._inputs(prompt, batch, None)
-                if encoder is None:
-                    encoder = model.backbone.get_encoder()(inputs_embeds=full, attention_mask=attention)
                 start = model.backbone.config.decoder_start_token_id
                 decoder, decoder_mask = _padded([[start] + n for n in new], pad, model.device)
                 logits = model.backbone(encoder_outputs=encoder, attention_mask=attention,
                                         decoder_input_ids=decoder).logits  # (B, Td, V)
                 step = logits[torch.arange(len(inputs)), decoder_mask.sum(1) - 1].argmax(-1)
             else:
-                ids, mask = _padded([i + n for i, n in zip(inputs, new)], pad, model.device)
-                batch = Batch(ids, mask, torch.zeros_like(mask, dtype=torch.bool), mask.sum(1) - 1,
-                              torch.zeros(len(inputs), dtype=torch.long))
+                batch = _input_batch([i + n for i, n in zip(inputs, new)], pad, model.device)
                 full, attention, _, length = model._inputs(prompt, batch, None)
                 hidden = model._encode(prompt, full, attention)
                 states = hidden.last_hidden_state[torch.arange(len(inputs)), length + batch.answer_index]
